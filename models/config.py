@@ -1,0 +1,167 @@
+"""`ModelConfig`: one flat description of a decoder-only model, built from a Hugging Face
+`config.json` in `ModelConfig.from_hf` (the one place that reads that file) or from a
+mapping of the same keys (`from_hf_dict`, which the GGUF reader feeds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ConfigError
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+_SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None          # {"rope_type": "llama3" | "linear" | "dynamic", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_windows: tuple[int | None, ...] = ()  # one per layer; None = global attention
+    dtype: str = "float32"                     # the checkpoint's dtype
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"config field {name} must be a positive integer, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_heads}) is not a multiple of "
+                              f"num_key_value_heads ({self.num_kv_heads})")
+        if len(self.sliding_windows) != self.num_layers:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "ModelConfig":
+        """Read `path/config.json` (and `generation_config.json` for EOS ids when present)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.exists():
+            raise ConfigError(f"{file}: not found; pass a Hugging Face checkpoint directory (config.json + "
+                              f"*.safetensors) or a .gguf file")
+        try:
+            d = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{file}: expected a JSON object at the top level")
+        gen = file.parent / "generation_config.json"
+        if gen.exists():
+            try:
+                g = json.loads(gen.read_text())
+                if g.get("eos_token_id") is not None:
+                    d = {**d, "eos_token_id": g["eos_token_id"]}
+            except json.JSONDecodeError:
+                pass  # generation_config is optional; config.json's eos stands
+        return cls.from_hf_dict(d, source=str(file))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+        def get(key, *alts, default=_MISSING, types=None):
+            for k in (key, *alts):
+                if k in d and d[k] is not None:
+                    v = d[k]
+                    if types and not isinstance(v, types):
+                        raise ConfigError(f"{source}: field {k!r} has the wrong type ({type(v).__name__}: {v!r})")
+                    return v
+            if default is _MISSING:
+                raise ConfigError(f"{source}: missing field {key!r}")
+            return default
+
+        archs = get("architectures", types=list)
+        if not archs or not isinstance(archs[0], str):
+            raise ConfigError(f"{source}: field 'architectures' must list the model class name")
+        arch = archs[0]
+        hidden = get("hidden_size", "n_embd", types=int)
+        heads = get("num_attention_heads", "n_head", types=int)
+        kv_heads = get("num_key_value_heads", default=heads, types=int)
+        head_dim = get("head_dim", default=None, types=int) or (hidden // heads if heads else 0)
+        layers = get("num_hidden_layers", "n_layer", types=int)
+
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: field 'rope_scaling' must be an object, got {rope!r}")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _SUPPORTED_ROPE:
+            raise ConfigError(f"{source}: rope scaling type {rope_type!r} is not supported "
+                              f"(supported: {', '.join(_SUPPORTED_ROPE)})")
+        max_pos = get("max_position_embeddings", "n_positions", default=2048, types=int)
+        scaling = None
+        if rope_type != "default":
+            scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
+            scaling["rope_type"] = rope_type
+            scaling.setdefault("max_position_embeddings", max_pos)
+            if "factor" not in scaling:
+                raise ConfigError(f"{source}: rope scaling {rope_type!r} needs a 'factor'")
+
+        window = d.get("sliding_window")
+        if "layer_types" in d and d["layer_types"]:
+            windows = tuple(window if t == "sliding_attention" else None for t in d["layer_types"])
+        elif d.get("use_sliding_window") is False:
+            windows = (None,) * layers
+        elif d.get("use_sliding_window"):
+            mwl = d.get("max_window_layers", layers)
+            windows = tuple(window if i >= mwl else None for i in range(layers))
+        else:
+            windows = (window,) * layers
+
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        dtype = DTYPE_NAMES.get(str(d.get("dtype") or d.get("torch_dtype") or "float32"), "float32")
+        attention_bias = bool(d.get("attention_bias", False))
+        qkv_bias = attention_bias or arch.startswith("Qwen2")
+        return cls(
+            architecture=arch,
+            vocab_size=get("vocab_size", types=int),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size", "n_inner", default=4 * hidden, types=int),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", default=1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            hidden_act=str(d.get("hidden_act", "silu")),
+            sliding_windows=windows,
+            dtype=dtype,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            extra={k: v for k, v in d.items()},
+        )
+
+
+_MISSING = object()

@@ -1,0 +1,161 @@
+"""Checkpoint loading: stream tensors one at a time into the graph's declared parameters.
+
+A `WeightSource` yields host numpy arrays by checkpoint name. `load_params` walks the
+graph's parameters, maps each to its tensor through the family's `WeightRule`s, transforms
+and casts it, checks the shape against the declaration and hands it to `put` (by default
+`jax.device_put`) before reading the next: peak host memory is one tensor, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can read it)
+import numpy as np
+
+from kiln.errors import CheckpointError
+from kiln.graph import Graph
+from kiln.models.config import ModelConfig
+from kiln.models.registry import resolve_weights
+
+
+class WeightSource(Protocol):
+    def names(self) -> Iterable[str]: ...
+    def get(self, name: str) -> np.ndarray: ...
+
+
+class SafetensorsSource:
+    """A Hugging Face checkpoint directory: `model.safetensors`, a sharded
+    `model.safetensors.index.json`, or any `*.safetensors` files."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        self._where: dict[str, Path] = {}
+        if index.exists():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: malformed index ({e})") from None
+            for name, file in wmap.items():
+                self._where[name] = path / file
+            for f in set(self._where.values()):
+                if not f.exists():
+                    raise CheckpointError(f"{f}: listed in {index.name} but not found")
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{path}: no *.safetensors weights found (a Hugging Face checkpoint "
+                                      f"directory needs model.safetensors or a sharded index)")
+            for f in files:
+                with self._open(f) as h:
+                    for name in h.keys():
+                        self._where[name] = f
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, f: Path):
+        try:
+            return self._safe_open(str(f), framework="numpy")
+        except Exception as e:  # safetensors raises its own error types for truncation and bad headers
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+
+    def names(self):
+        return self._where.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        f = self._where[name]
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = self._open(f).__enter__()
+        try:
+            return h.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+
+
+def _transform(arr: np.ndarray, transform, cfg: ModelConfig) -> np.ndarray:
+    if transform is None:
+        return arr
+    if transform == "T":
+        return np.ascontiguousarray(arr.T)
+    return transform(arr, cfg)
+
+
+def load_params(graph: Graph, cfg: ModelConfig, source: WeightSource, *,
+                put: Callable[[str, np.ndarray], object] | None = None,
+                progress: bool = False) -> dict[str, object]:
+    """Load every declared parameter of `graph` from `source`. Raises `CheckpointError`
+    naming the tensor when one is missing or has the wrong shape."""
+    if put is None:
+        import jax
+
+        put = lambda name, a: jax.device_put(a)  # noqa: E731
+    mapping = resolve_weights(cfg, graph.params)
+    available = set(source.names())
+    params = {}
+    items = list(graph.params.values())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="loading weights", unit="tensor", leave=False)
+    for p in items:
+        if p.name not in mapping:
+            raise CheckpointError(f"parameter {p.name!r} has no weight rule for {cfg.architecture}")
+        src, transform = mapping[p.name]
+        if src not in available:
+            raise CheckpointError(f"checkpoint has no tensor {src!r} (needed for parameter {p.name!r})")
+        arr = _transform(source.get(src), transform, cfg)
+        if tuple(arr.shape) != p.type.shape:
+            raise CheckpointError(f"tensor {src!r} has shape {tuple(arr.shape)}, expected {p.type.shape} "
+                                  f"for parameter {p.name!r}")
+        params[p.name] = put(p.name, arr.astype(np.dtype(p.type.dtype), copy=False))
+        del arr
+    return params
+
+
+def random_params(graph: Graph, seed: int = 0, *, std: float = 0.02) -> dict[str, object]:
+    """Random weights from each declaration's initializer (for random-weight engines and tests)."""
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.PRNGKey(seed)
+    params = {}
+    for i, p in enumerate(graph.params.values()):
+        dtype = jnp.dtype(p.type.dtype)
+        if p.init == "zeros":
+            params[p.name] = jnp.zeros(p.type.shape, dtype)
+        elif p.init == "ones":
+            params[p.name] = jnp.ones(p.type.shape, dtype)
+        else:
+            s = p.init_args.get("std", std)
+            params[p.name] = (jax.random.normal(jax.random.fold_in(key, i), p.type.shape, jnp.float32) * s).astype(dtype)
+    return params
+
+
+class Checkpoint:
+    """A model on disk: its config, a weight source and where its tokenizer lives."""
+
+    def __init__(self, config: ModelConfig, source: WeightSource, tokenizer_path: str | None):
+        self.config, self.source, self.tokenizer_path = config, source, tokenizer_path
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a Hugging Face checkpoint directory. Raises `ConfigError` / `CheckpointError`
+    naming the file when something is missing or malformed."""
+    from kiln.errors import ConfigError
+    from kiln.models.registry import get_family
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such file or directory; pass a Hugging Face checkpoint directory")
+    if p.is_file():
+        raise ConfigError(f"{p}: expected a checkpoint directory (config.json + *.safetensors)")
+    cfg = ModelConfig.from_hf(p)
+    get_family(cfg.architecture)  # unsupported architectures fail before any weight is read
+    has_tokenizer = any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return Checkpoint(cfg, SafetensorsSource(p), str(p) if has_tokenizer else None)

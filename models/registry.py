@@ -1,0 +1,86 @@
+"""Architecture registry, keyed by the Hugging Face `architectures` name.
+
+A family registers a `ModelFamily`: `define(builder, cfg)` writes the graph, and
+`weights(cfg)` lists `WeightRule`s that map each declared parameter to its checkpoint
+tensor. Users register their own families from outside the package with `register`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from kiln.errors import UnsupportedArchitectureError
+from kiln.graph import Builder, Graph
+from kiln.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """`param` and `source` are patterns with `{i}` for the layer index; `transform` is
+    None, "T" (transpose a [out, in] matrix to [in, out]) or a callable(array, cfg)."""
+    param: str
+    source: str
+    transform: str | Callable | None = None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    define: Callable[[Builder, ModelConfig], None]
+    weights: Callable[[ModelConfig], list[WeightRule]]
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(architecture: str, family: ModelFamily) -> None:
+    _FAMILIES[architecture] = family
+
+
+def supported() -> list[str]:
+    _load_builtin()
+    return sorted(_FAMILIES)
+
+
+def get_family(architecture: str) -> ModelFamily:
+    _load_builtin()
+    try:
+        return _FAMILIES[architecture]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(_FAMILIES))}") from None
+
+
+def build_graph(cfg: ModelConfig, dtype: str | None = None) -> Graph:
+    """The model's graph with parameters in `dtype` (default: the checkpoint's)."""
+    family = get_family(cfg.architecture)
+    b = Builder(cfg.architecture, dtype or cfg.dtype)
+    family.define(b, cfg)
+    b.meta.update(architecture=cfg.architecture, num_layers=cfg.num_layers, vocab_size=cfg.vocab_size)
+    return b.build()
+
+
+def resolve_weights(cfg: ModelConfig, param_names) -> dict[str, tuple[str, str | Callable | None]]:
+    """Map every declared parameter name to (checkpoint tensor name, transform)."""
+    rules = get_family(cfg.architecture).weights(cfg)
+    compiled = [(re.compile("^" + re.escape(r.param).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), r) for r in rules]
+    out = {}
+    for name in param_names:
+        for rx, rule in compiled:
+            m = rx.match(name)
+            if m:
+                out[name] = (rule.source.format(**m.groupdict()), rule.transform)
+                break
+    return out
+
+
+_loaded = False
+
+
+def _load_builtin():
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from kiln.models import llama  # noqa: F401  (registers its architectures)

@@ -1,0 +1,1 @@
+"""Graph -> graph rewrites: fusion, quantization, sharding, cleanup; the pipeline (owner: passes)."""

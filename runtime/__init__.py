@@ -1,0 +1,1 @@
+"""Engine: KV cache, batching, sampling, the LLM API (owner: runtime)."""

@@ -1,0 +1,1 @@
+"""Attention and matmul kernels, each beside its plain-JAX reference (owner: runtime/kernels)."""
