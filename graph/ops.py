@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kiln.errors import GraphError
 from kiln.graph.ir import Dim, TensorType
 
 
@@ -44,7 +45,7 @@ def get_op(name: str) -> OpDef:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ShapeError(f"unknown op {name!r}; registered ops: {', '.join(sorted(REGISTRY))}") from None
+        raise GraphError(f"unknown op {name!r}; registered ops: {', '.join(sorted(REGISTRY))}") from None
 
 
 class LowerCtx:

@@ -99,6 +99,9 @@ class ModelConfig:
         if not archs or not isinstance(archs[0], str):
             raise ConfigError(f"{source}: field 'architectures' must list the model class name")
         arch = archs[0]
+        from kiln.models.registry import get_family
+
+        get_family(arch)  # an unknown architecture is the first thing to report
         hidden = get("hidden_size", "n_embd", types=int)
         heads = get("num_attention_heads", "n_head", types=int)
         kv_heads = get("num_key_value_heads", default=heads, types=int)

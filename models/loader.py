@@ -144,9 +144,8 @@ class Checkpoint:
         self.config, self.source, self.tokenizer_path = config, source, tokenizer_path
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a Hugging Face checkpoint directory. Raises `ConfigError` / `CheckpointError`
-    naming the file when something is missing or malformed."""
+def open_config(path: str | Path) -> ModelConfig:
+    """The config of the model at `path`, checked to be an architecture Kiln supports."""
     from kiln.errors import ConfigError
     from kiln.models.registry import get_family
 
@@ -157,5 +156,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{p}: expected a checkpoint directory (config.json + *.safetensors)")
     cfg = ModelConfig.from_hf(p)
     get_family(cfg.architecture)  # unsupported architectures fail before any weight is read
+    return cfg
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a Hugging Face checkpoint directory. Raises `ConfigError` / `CheckpointError`
+    naming the file when something is missing or malformed."""
+    p = Path(path)
+    cfg = open_config(p)
     has_tokenizer = any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     return Checkpoint(cfg, SafetensorsSource(p), str(p) if has_tokenizer else None)

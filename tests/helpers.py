@@ -40,20 +40,18 @@ def hf_config(arch: str, **overrides):
                   initializer_range=0.1, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
                   pad_token_id=None)
     if arch == "llama":
-        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False,
-                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0,
-                                                     "original_max_position_embeddings": 64})
+        kw = dict(tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "rope_theta": 10000.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        cls = transformers.LlamaConfig
     elif arch == "mistral":
-        cfg = transformers.MistralConfig(**common, sliding_window=8, tie_word_embeddings=False)
+        kw, cls = dict(sliding_window=8, tie_word_embeddings=False), transformers.MistralConfig
     elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True,
-                                       sliding_window=8, max_window_layers=1)
+        kw = dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+        cls = transformers.Qwen2Config
     else:
         raise ValueError(arch)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    return cls(**{**common, **kw, **overrides})
 
 
 def make_hf_checkpoint(arch: str, path: Path, seed: int = 0, **overrides):
