@@ -143,6 +143,14 @@ class Checkpoint:
     def __init__(self, config: ModelConfig, source: WeightSource, tokenizer_path: str | None):
         self.config, self.source, self.tokenizer_path = config, source, tokenizer_path
 
+    def load_tokenizer(self):
+        """The checkpoint's transformers tokenizer (with its chat template), or None."""
+        if self.tokenizer_path is None:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
 
 def open_config(path: str | Path) -> ModelConfig:
     """The config of the model at `path`, checked to be an architecture Kiln supports."""

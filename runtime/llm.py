@@ -36,14 +36,14 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str) -> str:
 
 
 class LLM:
-    def __init__(self, model: str, *, dtype: str = "auto", max_model_len: int | None = None,
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
                  kv_block_size: int = 16, seed: int = 0, attention: str = "reference"):
         ckpt = open_checkpoint(model)
         self.config = cfg = ckpt.config
         self.dtype = resolve_dtype(dtype, cfg.dtype)
         self.graph = build_graph(cfg, self.dtype)
         self.params = load_params(self.graph, cfg, ckpt.source)
-        self.tokenizer = _load_tokenizer(ckpt.tokenizer_path)
+        self.tokenizer = ckpt.load_tokenizer()
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = kv_block_size
         self.seed = seed
@@ -109,10 +109,3 @@ class LLM:
         logits, self._kv = self._step(self.params, self._kv, inputs)
         return logits[:sum(rows)].astype(np.float32)
 
-
-def _load_tokenizer(path: str | None):
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
