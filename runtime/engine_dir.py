@@ -1,0 +1,223 @@
+"""Engine directories: what `kiln build` writes and `LLM(ENGINE_DIR)` loads.
+
+    ENGINE_DIR/
+      engine.json     model config, build options, pass list, versions, platform, device kind,
+                      mesh shape, parameter shapes, the build command, a checksum of itself
+      graph.json      the post-pass graph
+      weights/        the transformed parameters (orbax-checkpoint; restored straight into
+                      their target shardings)
+      tokenizer/      the tokenizer files (transformers' save_pretrained)
+      compiled/       JAX's persistent compilation cache, filled for every shape bucket
+
+A build writes into a temporary sibling directory and renames it into place at the end, so a
+build killed half way never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+
+FORMAT = "kiln-engine"
+FORMAT_VERSION = 1
+
+
+class EngineError(KilnError):
+    """An engine directory that cannot be loaded here (names what differs and how to rebuild)."""
+
+
+@dataclass
+class BuildConfig:
+    """Build options; every one is recorded in engine.json."""
+    dtype: str = "auto"
+    quantization: str | None = None        # None | "fp8" | "int8_wo" | "int4_wo"
+    kv_cache_dtype: str = "auto"           # "auto" | "fp8"
+    tp: int = 1
+    pp: int = 1
+    max_num_seqs: int = 64
+    max_num_tokens: int = 2048
+    max_model_len: int | None = None
+    kv_block_size: int = 16
+    random_weights: bool = False
+    seed: int = 0
+    passes: list[str] = field(default_factory=list)  # filled by the build: the passes that ran
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BuildConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def is_engine_dir(path: str | os.PathLike | None) -> bool:
+    return path is not None and Path(path).is_dir() and (Path(path) / "engine.json").exists()
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment() -> dict[str, Any]:
+    """What a compiled engine depends on: versions and the device it was built for."""
+    import jax
+    import jaxlib
+
+    from kiln import __version__
+
+    dev = jax.devices()[0]
+    return {"kiln": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
+            "python": platform.python_version()}
+
+
+def _checksum(d: dict) -> str:
+    body = {k: v for k, v in d.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class EngineWriter:
+    """Writes an engine directory atomically: everything goes to `<dir>.partial-<pid>`, and
+    `commit()` renames it over `dir`."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.final = Path(out_dir).resolve()
+        self.tmp = self.final.with_name(f".{self.final.name}.partial-{os.getpid()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        (self.tmp / "compiled").mkdir()
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return self.tmp / "compiled"
+
+    def save_graph(self, graph):
+        from kiln.graph import save
+
+        save(graph, self.tmp / "graph.json")
+
+    def save_weights(self, params):
+        import orbax.checkpoint as ocp
+
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(self.tmp / "weights", params)
+        ckptr.wait_until_finished()
+
+    def save_tokenizer(self, tokenizer):
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp / "tokenizer")
+
+    def write_manifest(self, *, config: dict, build: BuildConfig, params, mesh_shape: dict, command: str):
+        import jax
+
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "environment": environment(),
+            "model_config": config,
+            "build": build.to_json(),
+            "mesh": mesh_shape,
+            "params": {"/".join(str(getattr(k, "key", k)) for k in path): [list(a.shape), str(a.dtype)]
+                       for path, a in jax.tree_util.tree_flatten_with_path(params)[0]},
+            "build_command": command,
+        }
+        manifest["checksum"] = _checksum(manifest)
+        (self.tmp / "engine.json").write_text(json.dumps(manifest, indent=1))
+
+    def commit(self) -> Path:
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def abort(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_manifest(engine_dir: str | os.PathLike) -> dict:
+    """engine.json, validated: format, checksum, and compatibility with this machine."""
+    d = Path(engine_dir)
+    f = d / "engine.json"
+    if not f.exists():
+        raise EngineError(f"{f}: not found; {d} is not a complete engine directory (rebuild it with `kiln build`)")
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{f}: malformed JSON at line {e.lineno} ({e.msg}); rebuild the engine with `kiln build`") from None
+    rebuild = m.get("build_command") or "kiln build CHECKPOINT -o " + str(d)
+    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        raise EngineError(f"{f}: engine format {m.get('format')} v{m.get('version')} is not {FORMAT} "
+                          f"v{FORMAT_VERSION}; rebuild with: {rebuild}")
+    if m.get("checksum") != _checksum(m):
+        raise EngineError(f"{f}: edited after the build (checksum mismatch); rebuild with: {rebuild}")
+    here = environment()
+    built = m["environment"]
+    for key in ("kiln", "jax", "jaxlib", "platform", "device_kind"):
+        if built.get(key) != here[key]:
+            raise EngineError(f"{d}: built with {key} {built.get(key)!r} but this machine has {here[key]!r}; "
+                              f"rebuild with: {rebuild}")
+    return m
+
+
+def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=None):
+    """Restore the parameters. `shardings` (a dict name -> Sharding, or None for the default
+    device) places each array directly; no full copy lands on one device first."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    d = Path(engine_dir)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {}
+    for name, (shape, dtype) in manifest["params"].items():
+        if "/" in name:
+            raise EngineError(f"{d}: nested parameter {name!r} is not supported by this engine format")
+        s = (shardings or {}).get(name, default)
+        target[name] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=s)
+    rebuild = manifest.get("build_command", "kiln build")
+    try:
+        params = ocp.StandardCheckpointer().restore(d / "weights", target)
+    except Exception as e:  # orbax/tensorstore raise many types for truncated or missing files
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise EngineError(f"{d / 'weights'}: cannot restore weights ({msg}); rebuild with: {rebuild}") from None
+    for name, (shape, dtype) in manifest["params"].items():
+        a = params[name]
+        if list(a.shape) != list(shape) or str(a.dtype) != dtype:
+            raise EngineError(f"{d / 'weights'}: {name} is {a.dtype}{list(a.shape)}, engine.json says {dtype}{shape}; "
+                              f"rebuild with: {rebuild}")
+    return params
+
+
+def use_compile_cache(directory: str | os.PathLike):
+    """Point JAX's persistent compilation cache at `directory` (every compile is kept)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def command_line() -> str:
+    return " ".join(["kiln"] + sys.argv[1:]) if Path(sys.argv[0]).name == "kiln" else " ".join(sys.argv)
