@@ -17,15 +17,18 @@ from kiln.graph.ir import Graph
 from kiln.graph.ops import LowerCtx, REGISTRY
 
 
-def lower(graph: Graph, *, attention: str = "reference") -> Callable:
-    nodes = [(n.name, REGISTRY[n.op].lower, n.inputs, n.attrs) for n in graph.nodes]
+def lower(graph: Graph, *, attention: str = "reference", shard=None) -> Callable:
+    """`shard` (passes/sharding.py) places node outputs and runs attention per kv-head shard."""
+    nodes = [(n.name, REGISTRY[n.op].lower, n.inputs, n.attrs, n.type) for n in graph.nodes]
     outputs = list(graph.outputs)
 
     def step(params, kv_cache, inputs):
         env = {**inputs, **params}
-        ctx = LowerCtx(kv_cache, attention)
-        for name, fn, ins, attrs in nodes:
+        ctx = LowerCtx(kv_cache, attention, shard)
+        for name, fn, ins, attrs, typ in nodes:
             env[name] = fn(ctx, *[env[i] for i in ins], **attrs)
+            if shard is not None:
+                env[name] = shard.constrain(env[name], typ)
         result = env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs)
         return result, ctx.kv_cache
 

@@ -52,9 +52,12 @@ class LowerCtx:
     """What a lowering may use besides its inputs: the KV cache (threaded through the step;
     attention replaces its layer's entry) and implementation choices."""
 
-    def __init__(self, kv_cache: list, attention_impl: str = "reference"):
+    def __init__(self, kv_cache: list, attention_impl: str = "reference", shard=None):
         self.kv_cache = list(kv_cache)
         self.attention_impl = attention_impl
+        # tensor parallel (passes/sharding.py): `shard.attention(fn, *args)` runs an attention
+        # body per kv-head shard; `shard.constrain(x, type)` places a node's output
+        self.shard = shard
 
 
 def jnp_dtype(name: str):
@@ -311,16 +314,23 @@ def _attention_shape(attrs, q, k, v, positions, seq_ids, slot_mapping, block_tab
     return q
 
 
-def _attention_lower(ctx, q, k, v, positions, seq_ids, slot_mapping, block_tables, context_lens, query_start_loc, *,
-                     layer, scale, sliding_window=None, soft_cap=None):
+def _attention_lower(ctx, q, k, v, *meta, layer, **attrs):
+    # q, k, v come first: under tensor parallelism each runs split on its heads axis (1)
+    run = _attention_local if ctx.shard is None else ctx.shard.attention(_attention_local)
+    out, ctx.kv_cache[layer] = run(ctx.attention_impl, ctx.kv_cache[layer], q, k, v, *meta, **attrs)
+    return out
+
+
+def _attention_local(impl, entry, q, k, v, positions, seq_ids, slot_mapping, block_tables, context_lens,
+                     query_start_loc, *, scale, sliding_window=None, soft_cap=None):
+    """One layer's KV write and attention read -> (out, new cache entry)."""
     from kiln.runtime.kernels import attention as attn
 
-    entry = ctx.kv_cache[layer]
     k_pool, v_pool = attn.write_kv(entry["k"], entry["v"], k, v, slot_mapping)
-    ctx.kv_cache[layer] = {**entry, "k": k_pool, "v": v_pool}
-    return attn.paged_attention(
+    out = attn.paged_attention(
         q, k_pool, v_pool, positions, seq_ids, block_tables, context_lens, query_start_loc,
-        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, impl=ctx.attention_impl)
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, impl=impl)
+    return out, {**entry, "k": k_pool, "v": v_pool}
 
 
 register_op("attention", _attention_shape, _attention_lower, inputs=9)
