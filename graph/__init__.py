@@ -10,3 +10,5 @@ from kiln.graph.verify import verify
 __all__ = ["Builder", "Value", "Graph", "KVLayer", "Node", "Param", "TensorType", "STEP_INPUTS", "lower",
            "REGISTRY", "LowerCtx", "register_op", "dumps", "loads", "save", "load", "to_json", "from_json",
            "to_text", "verify"]
+
+import kiln.passes.ops  # noqa: E402,F401  (fused and quantized ops join the registry with the graph package)

@@ -105,17 +105,19 @@ register_op("embedding", _embedding_shape, _embedding_lower, inputs=2)
 
 
 def _linear_shape(attrs, x, w, bias=None):
-    _require(w.rank == 2, f"weight must be [in, out], got {w}")
+    # w is [in, *out]: [in, out], or a fused layout such as QKV [embed, kv_heads, group + 2, head_dim]
+    _require(w.rank >= 2, f"weight must be [in, out...], got {w}")
     _require(x.rank >= 1 and _same_dim(x.shape[-1], w.shape[0]),
              f"input's last dim {x.shape[-1]} does not match weight's in-dim {w.shape[0]} ({x} @ {w})")
     if bias is not None:
-        _require(bias.shape == (w.shape[1],), f"bias {bias} does not match weight out-dim {w.shape[1]}")
-    axes = (x.axes[:-1] if x.axes else (None,) * (x.rank - 1)) + ((w.axes[1] if w.axes else None),)
-    return TensorType(x.shape[:-1] + (w.shape[1],), x.dtype, axes)
+        _require(bias.shape == w.shape[1:], f"bias {bias} does not match weight out-dims {w.shape[1:]}")
+    axes = (x.axes[:-1] if x.axes else (None,) * (x.rank - 1)) + (w.axes[1:] if w.axes else (None,) * (w.rank - 1))
+    return TensorType(x.shape[:-1] + w.shape[1:], x.dtype, axes)
 
 
 def _linear_lower(ctx, x, w, bias=None):
-    y = jnp.matmul(x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+    w = w.astype(x.dtype) if w.dtype != x.dtype else w
+    y = jnp.matmul(x, w) if w.ndim == 2 else jnp.tensordot(x, w, axes=1)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
@@ -334,3 +336,6 @@ def _attention_local(impl, entry, q, k, v, positions, seq_ids, slot_mapping, blo
 
 
 register_op("attention", _attention_shape, _attention_lower, inputs=9)
+
+
+from kiln.graph import ops_extra  # noqa: E402,F401  (moe, longrope, sigmoid_gate: the wider model families)

@@ -1,0 +1,187 @@
+"""Ops that only passes create: fused forms and quantized matmuls.
+
+    swiglu(gu[..., 2, M])                      -> silu(gu[..., 0, :]) * gu[..., 1, :]
+    add_rms_norm(x, r, w)                      -> [2, T, E]: (x + r, rms_norm(x + r, w))
+    part(y[2, ...], index)                     -> y[index]
+    qkv_attention(qkv[T, KVH, G+2, D], ctx..)  -> rope(q), rope(k), v split from qkv, then attention
+    rope_attention(q, k, v, ctx..)             -> attention(rope(q), rope(k), v)
+    qlinear(x, w_q, scale[, bias][, smooth])   -> x @ dequant(w_q, scale) (+ bias)
+
+Registered into the one op registry on import (kiln.graph imports this module, so any graph
+that is verified or lowered knows them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kiln.graph.ir import TensorType
+from kiln.graph.ops import REGISTRY, ShapeError, register_op
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+QUANT_MODES = ("fp8", "int8_wo", "int4_wo")
+
+
+def _require(cond, msg):
+    if not cond:
+        raise ShapeError(msg)
+
+
+# --------------------------------------------------------------------------- swiglu
+
+
+def _swiglu_shape(attrs, gu):
+    _require(gu.rank >= 2 and gu.shape[-2] == 2, f"swiglu input must be [..., 2, mlp], got {gu}")
+    axes = (gu.axes[:-2] + gu.axes[-1:]) if gu.axes else None
+    return TensorType(gu.shape[:-2] + gu.shape[-1:], gu.dtype, axes)
+
+
+def _swiglu_lower(ctx, gu):
+    return jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
+
+
+register_op("swiglu", _swiglu_shape, _swiglu_lower, inputs=1)
+
+
+# --------------------------------------------------------------------------- add + rms_norm
+
+
+def _add_rms_norm_shape(attrs, x, r, w):
+    _require(x.shape == r.shape and x.dtype == r.dtype, f"residual operands differ: {x} vs {r}")
+    _require(w.rank == 1 and w.shape[0] == x.shape[-1], f"norm weight {w} does not match {x}")
+    return TensorType((2,) + x.shape, x.dtype, (None,) + (x.axes or (None,) * x.rank))
+
+
+def _add_rms_norm_lower(ctx, x, r, w, *, eps, offset=0.0):
+    """One pass over the hidden state: the sum is formed once and normed from registers
+    (XLA fuses the add, the fp32 reduction and the scaling into one loop fusion)."""
+    s = x + r
+    normed = REGISTRY["rms_norm"].lower(ctx, s, w, eps=eps, offset=offset)
+    return jnp.stack([s, normed])
+
+
+def _part_shape(attrs, y):
+    _require(y.rank >= 1 and isinstance(y.shape[0], int) and 0 <= attrs["index"] < y.shape[0],
+             f"part index {attrs.get('index')} out of range for {y}")
+    return TensorType(y.shape[1:], y.dtype, y.axes[1:] if y.axes else None)
+
+
+register_op("add_rms_norm", _add_rms_norm_shape, _add_rms_norm_lower, inputs=3)
+register_op("part", _part_shape, lambda ctx, y, index: y[index], inputs=1)
+
+
+# --------------------------------------------------------------------------- attention with RoPE and QKV
+
+
+def _call_attention(ctx, q, k, v, pos, seq_ids, slots, tables, ctx_lens, qsl, rope, attrs):
+    if rope is not None:
+        rope_fn = REGISTRY["rope"].lower
+        q = rope_fn(ctx, q, pos, seq_ids, ctx_lens, **rope)
+        k = rope_fn(ctx, k, pos, seq_ids, ctx_lens, **rope)
+    return REGISTRY["attention"].lower(ctx, q, k, v, pos, seq_ids, slots, tables, ctx_lens, qsl, **attrs)
+
+
+def _rope_attention_shape(attrs, q, k, v, *rest):
+    return REGISTRY["attention"].shape({k_: v_ for k_, v_ in attrs.items() if k_ != "rope"}, q, k, v, *rest)
+
+
+def _rope_attention_lower(ctx, q, k, v, *rest, rope=None, **attrs):
+    return _call_attention(ctx, q, k, v, *rest, rope, attrs)
+
+
+def _split_qkv(qkv):
+    t, kvh, g2, d = qkv.shape
+    q = qkv[:, :, : g2 - 2, :].reshape(t, kvh * (g2 - 2), d)  # q head h = kv_head * G + g
+    return q, qkv[:, :, g2 - 2, :], qkv[:, :, g2 - 1, :]
+
+
+def _qkv_attention_shape(attrs, qkv, *rest):
+    _require(qkv.rank == 4 and isinstance(qkv.shape[2], int) and qkv.shape[2] >= 3,
+             f"qkv must be [tokens, kv_heads, group + 2, head_dim], got {qkv}")
+    t, kvh, g2, d = qkv.shape
+    q = TensorType((t, kvh * (g2 - 2), d), qkv.dtype, (None, "heads", None))
+    kv = TensorType((t, kvh, d), qkv.dtype, (None, "kv_heads", None))
+    return _rope_attention_shape(attrs, q, kv, kv, *rest)
+
+
+def _qkv_attention_lower(ctx, qkv, *rest, rope=None, **attrs):
+    q, k, v = _split_qkv(qkv)
+    return _call_attention(ctx, q, k, v, *rest, rope, attrs)
+
+
+register_op("rope_attention", _rope_attention_shape, _rope_attention_lower, inputs=9)
+register_op("qkv_attention", _qkv_attention_shape, _qkv_attention_lower, inputs=7)
+
+
+# --------------------------------------------------------------------------- quantized matmul
+
+
+def _qlinear_shape(attrs, x, w, scale, *extras):
+    mode = attrs.get("mode")
+    _require(mode in QUANT_MODES, f"qlinear mode must be one of {QUANT_MODES}, got {mode!r}")
+    n_in = attrs["in_features"]
+    _require(x.shape[-1] == n_in, f"input's last dim {x.shape[-1]} does not match in_features {n_in}")
+    out = w.shape[1:]
+    if mode == "fp8":
+        _require(w.dtype == "float8_e4m3fn" and w.shape[0] == n_in, f"fp8 weight must be f8e4m3[{n_in}, ...], got {w}")
+        _require(scale.shape == out, f"fp8 scale {scale} must match the weight's output dims {out}")
+    elif mode == "int8_wo":
+        _require(w.dtype == "int8" and w.shape[0] == n_in, f"int8 weight must be i8[{n_in}, ...], got {w}")
+        _require(scale.shape == out, f"int8 scale {scale} must match the weight's output dims {out}")
+    else:
+        g = attrs["group_size"]
+        _require(w.dtype == "uint8" and 2 * w.shape[0] == n_in, f"int4 weight must be u8[{n_in // 2}, ...] (packed), got {w}")
+        _require(n_in % g == 0 and scale.shape == (n_in // g,) + out,
+                 f"int4 scale {scale} must be [{n_in} / group {g}, *{out}]")
+    has_bias, has_smooth = attrs.get("bias", False), attrs.get("smooth", False)
+    _require(len(extras) == has_bias + has_smooth, f"qlinear expects bias={has_bias}, smooth={has_smooth} inputs")
+    if has_bias:
+        _require(extras[0].shape == out, f"bias {extras[0]} does not match the output dims {out}")
+    if has_smooth:
+        _require(extras[-1].shape == (n_in,), f"smoothing vector {extras[-1]} must be [{n_in}]")
+    axes = (x.axes[:-1] if x.axes else (None,) * (x.rank - 1)) + (w.axes[1:] if w.axes else (None,) * len(out))
+    return TensorType(x.shape[:-1] + out, x.dtype, axes)
+
+
+def unpack_int4(w, dtype):
+    """u8[K/2, ...] (row 2i in the low nibble, 2i+1 in the high, both stored +8) -> dtype[K, ...]."""
+    lo = (w & 0xF).astype(jnp.int8) - 8
+    hi = (w >> 4).astype(jnp.int8) - 8
+    return jnp.stack([lo, hi], axis=1).reshape((2 * w.shape[0],) + w.shape[1:]).astype(dtype)
+
+
+def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None, bias=False, smooth=False):
+    if smooth:
+        x = x * extras[-1].astype(x.dtype)  # AWQ: x / s, the s folded into the weight
+    out = w.shape[1:]
+    n_out = math.prod(out)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if mode == "fp8":
+        # W8A8: dynamic per-token activation scale, per-channel weight scale. Written as
+        # "dequantize then matmul" so XLA's GEMM rewriter emits one FP8 cuBLASLt call on Hopper;
+        # the two scale vectors are applied to the product.
+        xf = x2.astype(jnp.float32)
+        sa = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), 1e-12) / FP8_MAX  # [M, 1]
+        xq = (xf / sa).astype(jnp.float8_e4m3fn)
+        y = jnp.matmul(xq.astype(x.dtype), w.reshape(in_features, n_out).astype(x.dtype))
+        y = (y.astype(jnp.float32) * sa * scale.reshape(1, n_out).astype(jnp.float32)).astype(x.dtype)
+    elif mode == "int8_wo":
+        y = jnp.matmul(x2, w.reshape(in_features, n_out).astype(x.dtype)) * scale.reshape(1, n_out).astype(x.dtype)
+    else:
+        g = group_size
+        wd = unpack_int4(w.reshape(in_features // 2, n_out), x.dtype).reshape(in_features // g, g, n_out)
+        wd = (wd * scale.reshape(in_features // g, 1, n_out).astype(x.dtype)).reshape(in_features, n_out)
+        y = jnp.matmul(x2, wd)
+    y = y.reshape(lead + out)
+    if bias:
+        y = y + extras[0].astype(y.dtype)
+    return y
+
+
+register_op("qlinear", _qlinear_shape, _qlinear_lower, inputs=(3, 5))
+
+MATMUL_OPS = ("linear", "qlinear")

@@ -1,0 +1,42 @@
+"""Shared setup for the pass tests: load a tiny checkpoint, run a fixed two-step workload."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.models.loader import load_params, open_checkpoint
+from kiln.models.registry import build_graph
+from kiln.runtime.batch import SeqChunk
+from tests.helpers import Stepper
+
+
+def load_tiny(path, dtype="float32"):
+    ckpt = open_checkpoint(path)
+    graph = build_graph(ckpt.config, dtype)
+    params = load_params(graph, ckpt.config, ckpt.source, put=lambda name, a: a)  # host numpy
+    return graph, params
+
+
+def prompts(lens=(5, 13), seed=1, vocab=300):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, vocab, n)] for n in lens]
+
+
+def run_workload(graph, params, lens=(5, 13)) -> np.ndarray:
+    """Logits of a ragged prefill of two prompts (every position), then two decode steps of
+    both together: the KV cache written by one step is read by the next."""
+    st = Stepper(graph, params)
+    ps = prompts(lens)
+    tables = [st.new_table() for _ in ps]
+    outs = st.step([SeqChunk(p, 0, t, all_logits=True) for p, t in zip(ps, tables)], pad_tokens=32, pad_seqs=4)
+    rows = [np.concatenate(outs)]
+    nxt = [int(np.argmax(o[-1])) for o in outs]
+    for k in range(2):
+        outs = st.step([SeqChunk([n], len(p) + k, t) for n, p, t in zip(nxt, ps, tables)], pad_tokens=8, pad_seqs=4)
+        rows.append(np.concatenate(outs))
+        nxt = [int(np.argmax(o[-1])) for o in outs]
+    return np.concatenate(rows)
+
+
+def rel_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
