@@ -1,0 +1,273 @@
+"""The engine loop: requests in, outputs out, one scheduled step at a time.
+
+    add_request / abort ──► intake (thread-safe) ──► step():
+        schedule step N  ─► build its host arrays ─► runner.execute (returns at once)
+        read back step N-1's samples (the device is already busy with N) ─► resolve tokens,
+        detokenize, check stops, free finished sequences ─► RequestOutputs
+
+With `overlap=False` each step is read back right after it is dispatched (simpler, slower:
+the device idles while the host plans). `AsyncEngine` wraps an engine for asyncio callers
+(the server): one async generator of delta outputs per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from kiln.errors import RequestError
+from kiln.runtime.batch import build_step
+from kiln.runtime.block_manager import BlockManager
+from kiln.runtime.detokenizer import Detokenizer
+from kiln.runtime.outputs import CompletionOutput, EngineStats, RequestOutput
+from kiln.runtime.request import Request
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import Scheduler, SchedulerOutput
+
+OUTPUT_KINDS = ("final", "delta", "cumulative")
+
+
+@dataclass(eq=False)
+class _Group:
+    """The n sequences generated for one prompt, and what has been handed out of them."""
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    seqs: list[Request]
+    detoks: list[Detokenizer]
+    kind: str
+    sent_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class Engine:
+    def __init__(self, runner, *, tokenizer, eos_token_ids: Sequence[int], vocab_size: int, max_model_len: int,
+                 max_num_seqs: int, max_num_tokens: int, enable_prefix_caching: bool = True, seed: int = 0,
+                 overlap: bool = True):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.vocab_size, self.max_model_len, self.seed, self.overlap = vocab_size, max_model_len, seed, overlap
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens)
+        self._intake: deque = deque()
+        self._groups: dict[str, _Group] = {}
+        self._live: set[str] = set()
+        self._inflight: tuple[SchedulerOutput, object] | None = None
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.finished_requests = 0
+
+    # -- requests
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, output_kind: str = "final", prompt_text: str | None = None) -> str:
+        """Queue a prompt (text or token ids; `prompt_text` names the text of given ids).
+        Raises `RequestError`, changing nothing, when the request cannot be served. Returns
+        its id. Safe to call from any thread."""
+        params = params or SamplingParams()
+        if output_kind not in OUTPUT_KINDS:
+            raise RequestError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+        text = prompt if isinstance(prompt, str) else None
+        if text is not None:
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(text)
+        else:
+            ids = [int(t) for t in prompt]
+            text = prompt_text
+        self._validate(ids, params)
+        num = next(self._ids)
+        rid = str(num) if request_id is None else str(request_id)
+        if rid in self._live:
+            raise RequestError(f"request id {rid!r} is already in use; pass a unique request_id")
+        base = params.seed if params.seed is not None else (self.seed * 1_000_003 + num) & 0xFFFFFFFF
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seqs, leader = [], None
+        for i in range(params.n):
+            seed = base if i == 0 else hash((base, i)) & 0xFFFFFFFF
+            seqs.append(Request(rid, ids, params, seed, stop_ids, index=i, leader=leader, arrival=next(self._arrivals)))
+            leader = leader or seqs[0]
+        detoks = [Detokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+                  for _ in seqs]
+        self._live.add(rid)
+        self._intake.append(("add", _Group(rid, text, ids, seqs, detoks, output_kind, [0] * params.n)))
+        return rid
+
+    def _validate(self, ids: list[int], p: SamplingParams) -> None:
+        if not ids:
+            raise RequestError("prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) + p.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds max_model_len "
+                               f"({self.max_model_len}); shorten the prompt or lower max_tokens")
+        if -(-(len(ids) + p.max_tokens) // self.blocks.block_size) > self.blocks.num_blocks:
+            raise RequestError(f"the KV cache ({self.blocks.num_blocks} blocks of {self.blocks.block_size}) cannot "
+                               f"hold {len(ids) + p.max_tokens} tokens; lower max_tokens or give the cache more blocks")
+        if p.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; use stop_token_ids")
+        if any(not 0 <= t < self.vocab_size for t in p.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {self.vocab_size})")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; its final output (finish_reason "abort") comes out
+        of the next `step`. Unknown or finished ids are ignored. Safe from any thread."""
+        self._intake.append(("abort", str(request_id)))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups or self._intake or self._inflight)
+
+    # -- the loop
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs it produced (per each request's output_kind)."""
+        touched: dict[str, _Group] = {}
+        self._drain(touched)
+        plan = self.scheduler.schedule()
+        handle = None
+        if plan.chunks:
+            batch = build_step(plan, self.runner.block_size, max_num_seqs=self.runner.max_num_seqs,
+                               max_blocks=self.runner.max_blocks)
+            handle = (plan, self.runner.execute(batch))
+        if self._inflight is not None:
+            self._process(*self._inflight, touched)
+        self._inflight = handle
+        if handle is not None and not self.overlap:
+            self._process(*handle, touched)
+            self._inflight = None
+        return [o for g in touched.values() if (o := self._output(g)) is not None]
+
+    def _drain(self, touched: dict) -> None:
+        while self._intake:
+            what, x = self._intake.popleft()
+            if what == "add":
+                self._groups[x.request_id] = x
+                for s in x.seqs:
+                    self.scheduler.add(s)
+            else:
+                g = self._groups.get(x)
+                if g is not None:
+                    for s, d in zip(g.seqs, g.detoks):
+                        if not s.finished:
+                            d.flush()
+                            self.scheduler.finish(s, "abort")
+                    touched[g.request_id] = g
+
+    def _process(self, plan: SchedulerOutput, handle, touched: dict) -> None:
+        res = self.runner.read(handle)
+        for row, c in enumerate(plan.chunks):
+            req = c.req
+            if not c.samples or req.finished or not req.pending or req.pending[0] != (plan.step, row):
+                continue
+            tok = int(res["tokens"][row])
+            req.resolve(tok)
+            if req.params.logprobs is not None:
+                lp = {int(i): float(v) for i, v in
+                      zip(res["top_ids"][row][:req.params.logprobs], res["top_logprobs"][row][:req.params.logprobs])}
+                lp[tok] = float(res["logprob"][row])
+                req.logprobs.append(lp)
+            g = self._groups[req.request_id]
+            self._check_finish(req, tok, g.detoks[req.index])
+            touched[g.request_id] = g
+
+    def _check_finish(self, req: Request, tok: int, det: Detokenizer) -> None:
+        n_out, p = len(req.output_token_ids), req.params
+        past_min = n_out > p.min_tokens
+        reason = None
+        if tok in req.stop_ids and past_min:
+            reason = "stop"
+        elif det.push(tok, check_stop=past_min):
+            reason = "stop"
+        elif n_out >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            if not det.stopped:
+                det.flush()
+            self.scheduler.finish(req, reason)
+
+    def _output(self, g: _Group) -> RequestOutput | None:
+        done = g.finished
+        if done and g.request_id in self._groups:
+            del self._groups[g.request_id]
+            self._live.discard(g.request_id)
+            self.finished_requests += 1
+        if g.kind == "final" and not done:
+            return None
+        outs = []
+        for i, (s, d) in enumerate(zip(g.seqs, g.detoks)):
+            toks = s.output_token_ids
+            if g.kind == "delta":
+                a = g.sent_tokens[i]
+                g.sent_tokens[i] = len(toks)
+                text, toks, lps = d.delta(), toks[a:], s.logprobs[a:]
+            else:
+                text, lps = d.text, s.logprobs
+            outs.append(CompletionOutput(i, text, toks, s.finish_reason,
+                                         lps if s.params.logprobs is not None else None))
+        return RequestOutput(g.request_id, g.prompt, g.prompt_ids, outs, done, g.seqs[0].num_cached_tokens)
+
+    # -- statistics
+    def stats(self) -> EngineStats:
+        sch = self.scheduler
+        return EngineStats(running=len(sch.running), waiting=len(sch.waiting),
+                           kv_blocks_used=self.blocks.num_used_blocks, kv_blocks_free=self.blocks.num_free_blocks,
+                           kv_blocks_total=self.blocks.num_blocks, prefix_cache_hit_rate=self.blocks.hit_rate(),
+                           steps=sch.step_count, tokens_per_step=sch.scheduled_tokens / max(sch.step_count, 1),
+                           preemptions=sch.num_preemptions, finished_requests=self.finished_requests)
+
+
+class AsyncEngine:
+    """asyncio front of an `Engine`: steps run in a worker thread, so the event loop stays
+    free; each request is an async generator of delta `RequestOutput`s. Leaving the
+    generator early (a client went away) aborts the request."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        rid = self.engine.add_request(prompt, params, request_id=request_id, output_kind="delta")
+        q = self._queues[rid] = asyncio.Queue()
+        self._start()
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                self.engine.abort(rid)
+                self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _start(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            for out in await asyncio.to_thread(self.engine.step):
+                q = self._queues.get(out.request_id)
+                if q is not None:
+                    q.put_nowait(out)

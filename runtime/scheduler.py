@@ -1,0 +1,143 @@
+"""The scheduler (plain Python, no jax): which tokens of which sequences run in the next step.
+
+Each step has a token budget (`max_num_tokens`) and a sequence limit (`max_num_seqs`):
+
+    1. running sequences, decodes first, then unfinished prefills (chunked to the budget);
+       when the pool is out of blocks, the newest running sequence is preempted (its blocks
+       freed, recomputed later from its tokens) until the allocation fits;
+    2. then, if nothing was preempted, waiting sequences in arrival order, each starting
+       from its longest prefix-cache hit (or its leader's prompt blocks, for n > 1).
+
+Counters advance when a step is scheduled (the step is queued on the device before any
+later step can read its K/V), so the next step can be planned while this one runs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kiln.runtime.block_manager import BlockManager, BlockTable
+from kiln.runtime.request import FINISHED, RUNNING, WAITING, Request
+
+
+@dataclass
+class Chunk:
+    req: Request
+    start: int          # first token computed (= tokens already in the cache)
+    num_tokens: int
+    samples: bool       # the chunk reaches the end of the known tokens: a new token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    step: int
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.step_count = 0
+        self.num_preemptions = 0
+        self.scheduled_tokens = 0
+
+    def add(self, req: Request) -> None:
+        req.status = WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(self.step_count)
+        self.step_count += 1
+        budget = self.max_num_tokens
+        done: set[int] = set()
+        for req in sorted(self.running, key=lambda r: r.target_tokens() - r.num_computed_tokens > 1):
+            if req.status != RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.target_tokens() - req.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.allocate(req.blocks, req.num_computed_tokens + n):
+                victims = [r for r in self.running if id(r) not in done]
+                victim = max(victims, key=lambda r: r.arrival)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                budget -= n
+                done.add(id(req))
+                self._add_chunk(out, req, n)
+        while (self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0]
+            if req.pending:  # its last token is still on the device: admit it next step
+                break
+            cached: list[int] = []
+            if req.num_computed_tokens == 0 and not req.blocks.block_ids:
+                lead = req.leader
+                share = (req.num_prompt_tokens - 1) // self.blocks.block_size * self.blocks.block_size
+                if lead is not None and lead.status == RUNNING and share and not req.output_token_ids:
+                    if lead.num_computed_tokens < share:
+                        break  # its leader is still computing the shared prompt blocks
+                    req.blocks = self.blocks.fork(lead.blocks, share)
+                    req.num_computed_tokens = share
+                else:
+                    cached = self.blocks.lookup(req.all_token_ids)
+            start = req.num_computed_tokens + len(cached) * self.blocks.block_size
+            n = min(req.target_tokens() - start, budget)
+            if not self.blocks.allocate(req.blocks, start + n, cached):
+                if req.blocks.block_ids:  # undo a fork
+                    self.blocks.free_table(req.blocks)
+                    req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            req.num_cached_tokens = len(cached) * self.blocks.block_size
+            req.num_computed_tokens = start
+            req.status = RUNNING
+            self.running.append(req)
+            budget -= n
+            self._add_chunk(out, req, n)
+        self.scheduled_tokens += out.num_tokens
+        return out
+
+    def _add_chunk(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        start = req.num_computed_tokens
+        samples = start + n == req.num_tokens
+        out.chunks.append(Chunk(req, start, n, samples))
+        req.num_computed_tokens += n
+        self.blocks.commit(req.blocks, req.all_token_ids, min(req.num_computed_tokens, len(req.all_token_ids)))
+        if samples:
+            req.add_placeholder(out.step, len(out.chunks) - 1)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free_table(req.blocks)
+        req.blocks = BlockTable()
+        req.num_computed_tokens = 0
+        req.status = WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Remove `req` wherever it is and free its blocks (placeholders still on the device
+        are dropped: their results are ignored)."""
+        if req.status == FINISHED:
+            return
+        if req.status == RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.blocks.free_table(req.blocks)
+        req.pending.clear()
+        req.status, req.finish_reason = FINISHED, reason
