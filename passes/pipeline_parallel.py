@@ -234,6 +234,10 @@ class StageLayout:
                  {k: (self.kv_slot[v] if k == "layer" else v) for k, v in n.attrs.items()})
                 for n in self.stages[s]] + [tuple(rename.get(v) for v in self.carry[s + 1])]
 
+    def shares_one_program(self) -> bool:
+        """True when every stage runs the same program (else the step switches on the stage)."""
+        return all(self._signature(s) == self._signature(0) for s in range(1, self.pp))
+
     def step_fn(self, attention: str, microbatches: int):
         self.attention = attention
         pp, mesh, graph = self.pp, self.mesh, self.graph
@@ -241,7 +245,7 @@ class StageLayout:
         outer = TensorParallel(mesh, self.rules)
         inner = TensorParallel(mesh, self.rules, manual=frozenset({"pp"})) if tp > 1 else None
         fns = [self._stage_fn(s, inner) for s in range(pp)]
-        uniform = all(self._signature(s) == self._signature(0) for s in range(1, pp))
+        uniform = self.shares_one_program()
         M = microbatches
         tok_inputs = [k for k, t in graph.inputs.items() if t.shape[:1] == ("T",)]
         other_inputs = [k for k in graph.inputs if k not in tok_inputs]

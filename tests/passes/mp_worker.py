@@ -1,0 +1,54 @@
+"""One process of tests/passes/test_multiprocess.py: joins a 2-process jax.distributed CPU
+cluster (2 devices each), runs greedy decoding of the shared prompts through sharded
+models spanning both processes, and writes the tokens as JSON.
+
+    python -m tests.passes.mp_worker PROCESS_ID PORT CHECKPOINT OUT_JSON
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+
+LAYOUTS = ((4, 1), (2, 2))  # tp=4: all-reduces across processes; tp=2 x pp=2: a stage per process
+
+
+def main(process_id: int, port: int, checkpoint: str, out: str) -> None:
+    if "jax_cpu_collectives_implementation" in jax.config.values:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+
+    from kiln.models.loader import load_params, open_checkpoint
+    from kiln.models.registry import build_graph
+    from kiln.passes.sharding import shard_model, to_host
+    from tests.helpers import Stepper
+    from tests.passes.sharding_cases import greedy, use_sharded
+
+    ck = open_checkpoint(checkpoint)
+    graph = build_graph(ck.config, "float32")
+    params = load_params(graph, ck.config, ck.source)
+    result = {}
+    for tp, pp in LAYOUTS:
+        model = shard_model(graph, params, tp=tp, pp=pp)
+        stepper = use_sharded(Stepper(graph, params), model)
+        stepper.step_fn = lambda p, kv, inputs, m=model: _fetch(m.step(p, kv, inputs), to_host)
+        tokens, _ = greedy(stepper, n=3)
+        result[f"tp{tp}_pp{pp}"] = tokens
+    with open(out, "w") as f:
+        json.dump({"process": jax.process_index(), "tokens": result}, f)
+    jax.distributed.shutdown()
+
+
+def _fetch(step_out, to_host):
+    logits, kv = step_out
+    return to_host(logits), kv
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
