@@ -61,15 +61,16 @@ class Detokenizer:
         return False
 
     def flush(self) -> None:
-        """The sequence ended: whatever was held back (an incomplete tail) becomes text."""
-        if self.tokenizer is None:
+        """The sequence ended: whatever was held back (an incomplete tail, a possible stop
+        string's beginning) becomes text, unless a stop string already cut it."""
+        self._hold = 0
+        if self.tokenizer is None or self.stopped:
             return
         rest = self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
         if rest:
             start = len(self.text)
             self.text += rest
             self._check_stop(start)
-        self._hold = 0
 
     def delta(self) -> str:
         """Text not handed out yet, minus a tail that might still become a stop string."""

@@ -186,8 +186,7 @@ class Engine:
         elif n_out >= p.max_tokens:
             reason = "length"
         if reason is not None:
-            if not det.stopped:
-                det.flush()
+            det.flush()
             self.scheduler.finish(req, reason)
 
     def _output(self, g: _Group) -> RequestOutput | None:

@@ -38,7 +38,7 @@ def apply_penalties(logits, prompt_ids, output_ids, repetition, presence, freque
 def suppress(logits, ids):
     """Set the logits of `ids` [N, K] (negative = padding) to -inf."""
     n, v = logits.shape
-    return logits.at[jnp.arange(n)[:, None], jnp.where(ids >= 0, ids, v)].set(-jnp.inf, mode="drop")
+    return jnp.asarray(logits).at[jnp.arange(n)[:, None], jnp.where(ids >= 0, ids, v)].set(-jnp.inf, mode="drop")
 
 
 def filter_logits(x, top_k, top_p, min_p):

@@ -48,3 +48,25 @@ def test_bad_parameters_are_typed_errors():
         SamplingParams(max_tokens=0)
     with pytest.raises(RequestError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_penalties_and_suppression_match_numpy():
+    from kiln.runtime.sampling import apply_penalties, suppress
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 12)).astype(np.float32)
+    prompt = np.array([[1, 2, -1], [-1, -1, -1]], np.int32)
+    output = np.array([[2, 2, 5, -1], [7, -1, -1, -1]], np.int32)
+    rep, pres, freq = np.float32([1.5, 2.0]), np.float32([0.5, 0.0]), np.float32([0.25, 1.0])
+    got = np.asarray(apply_penalties(logits, prompt, output, rep, pres, freq))
+    want = logits.copy()
+    for r in range(2):
+        seen = set(prompt[r][prompt[r] >= 0]) | set(output[r][output[r] >= 0])
+        for t in seen:
+            want[r, t] = want[r, t] / rep[r] if want[r, t] > 0 else want[r, t] * rep[r]
+        for t in set(output[r][output[r] >= 0]):
+            c = int((output[r] == t).sum())
+            want[r, t] -= freq[r] * c + pres[r]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    sup = np.asarray(suppress(logits, np.array([[3, -1], [0, 11]], np.int32)))
+    assert np.isneginf(sup[0, 3]) and np.isneginf(sup[1, [0, 11]]).all() and np.isfinite(sup[0, [0, 11]]).all()
