@@ -43,12 +43,26 @@ from kiln.passes.sharding import (ShardedModel, ShardingRules, TensorParallel, k
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
-def _layer_of(node: Node, params) -> int | None:
-    for name in (node.name, *[i for i in node.inputs if i in params]):
-        m = _LAYER.match(name)
-        if m:
-            return int(m.group(1))
-    return None
+_OUTER = "outer"  # reads a parameter outside the layers (embedding, final norm, logits)
+
+
+def layer_tags(graph: Graph) -> list[int | str | None]:
+    """Each node's layer: the layer of the `layers.{i}.` parameters it reads, `_OUTER` when it
+    reads another parameter, else that of its latest-defined node input (so a fused node's
+    helpers follow it whatever their names), else None."""
+    tags: dict[str, int | str | None] = {}
+    order = {n.name: k for k, n in enumerate(graph.nodes)}
+    for n in graph.nodes:
+        ps = [i for i in n.inputs if i in graph.params]
+        layers = {int(m.group(1)) for m in map(_LAYER.match, ps) if m}
+        if layers:
+            tags[n.name] = max(layers)
+        elif ps:
+            tags[n.name] = _OUTER
+        else:
+            srcs = [i for i in n.inputs if i in tags]
+            tags[n.name] = tags[max(srcs, key=order.get)] if srcs else None
+    return [tags[n.name] for n in graph.nodes]
 
 
 def split_layers(num: int, pp: int) -> list[range]:
@@ -93,15 +107,18 @@ class StageLayout:
         pp = mesh.shape["pp"]
         layers = split_layers(num_layers(graph), pp)
         stage_of_layer = {i: s for s, r in enumerate(layers) for i in r}
-        tags = [_layer_of(n, graph.params) for n in graph.nodes]
-        tagged = [k for k, t in enumerate(tags) if t is not None]
+        tags = layer_tags(graph)
+        tagged = [k for k, t in enumerate(tags) if isinstance(t, int)]
         if not tagged:
-            raise ConfigError(f"pp={pp}: graph {graph.name} has no `layers.N.` nodes to assign to stages")
+            raise ConfigError(f"pp={pp}: graph {graph.name} has no `layers.N.` parameters to assign to stages")
         first, last = tagged[0], tagged[-1]
         prologue, epilogue = graph.nodes[:first], graph.nodes[last + 1:]
         stages: list[list[Node]] = [[] for _ in range(pp)]
         cur = tags[first]
         for n, t in zip(graph.nodes[first:last + 1], tags[first:last + 1]):
+            if t == _OUTER:
+                raise ConfigError(f"pp={pp}: node {n.name} between the layers reads a parameter shared by all "
+                                  f"layers; pipeline stages need each layer's parameters to be its own")
             if t is not None:
                 if t < cur:
                     raise ConfigError(f"pp={pp}: node {n.name} of layer {t} comes after layer {cur}'s nodes; "
@@ -127,12 +144,14 @@ class StageLayout:
         for k in range(pp + 1):  # boundary k sits before stage k
             live = [v for v, s in seg_of.items() if s < k and last_use.get(v, -1) >= k and v not in bcast]
             carry.append(sorted(live, key=order.get))
+        # boundary k passes carry[k] in the first len(carry[k]) of `width` per-token slots
+        # (fused add + norm: the embedding alone enters stage 0, residual and delta after)
         shapes = [[graph.type_of(v) for v in c] for c in carry]
-        if any(len(c) != len(carry[0]) for c in carry) or any(
-                tuple(t.shape) != tuple(u.shape) for c in shapes for t, u in zip(c, shapes[0])):
+        widest = max(shapes, key=len)
+        if any((t.shape, t.dtype) != (u.shape, u.dtype) for c in shapes for t, u in zip(c, widest)):
             raise ConfigError(f"pp={pp}: the values between stages differ from boundary to boundary "
                               f"({[[str(t) for t in c] for c in shapes]}); the layers must pass the same state")
-        for v in carry[0]:
+        for v in (v for c in carry for v in c):
             if graph.type_of(v).shape[:1] != ("T",):
                 raise ConfigError(f"pp={pp}: value {v} passed between stages is {graph.type_of(v)}, not per token")
 
@@ -148,7 +167,7 @@ class StageLayout:
         for s, nodes in enumerate(stages):
             j = 0
             for n in nodes:
-                if "layer" in n.attrs and n.op.startswith("attention"):
+                if "layer" in n.attrs and "attention" in n.op:
                     g = n.attrs["layer"]
                     kv_slot[g] = j
                     if j == len(kv_stacked):
@@ -221,7 +240,8 @@ class StageLayout:
             kv_out = list(kv_local)
             for g in kv_globals:
                 kv_out[kv_slot[g]] = ctx.kv_cache[g]
-            return tuple(env[v] for v in carry_out), kv_out
+            out = tuple(env[v] for v in carry_out)
+            return out + tuple(jnp.zeros_like(c) for c in carry[len(out):]), kv_out
 
         return fn
 
@@ -247,6 +267,7 @@ class StageLayout:
         fns = [self._stage_fn(s, inner) for s in range(pp)]
         uniform = self.shares_one_program()
         M = microbatches
+        widest = [graph.type_of(v) for v in max(self.carry, key=len)]
         tok_inputs = [k for k, t in graph.inputs.items() if t.shape[:1] == ("T",)]
         other_inputs = [k for k in graph.inputs if k not in tok_inputs]
 
@@ -298,7 +319,9 @@ class StageLayout:
             slot_params = {k: v for k, v in params.items() if k in self.stacked}
             kv_cache, out = staged(slot_params, kv_cache, {k: mb(pad[k]) for k in tok_inputs},
                                    {k: inputs[k] for k in other_inputs}, {k: mb(env[k]) for k in self.bcast},
-                                   tuple(mb(env[v]) for v in self.carry[0]))
+                                   tuple(mb(env[v]) for v in self.carry[0]) + tuple(
+                                       jnp.zeros((M, Tp // M) + t.shape[1:], t.dtype)
+                                       for t in widest[len(self.carry[0]):]))
             # the last stage's outputs: [pp, M, T/M, ...] -> [Tp, ...]
             for v, o in zip(self.carry[pp], out):
                 env[v] = o[pp - 1].reshape((Tp,) + o.shape[3:])

@@ -76,12 +76,10 @@ TP_RULES = ShardingRules()
 
 
 def attention_heads(graph: Graph) -> list[tuple[int, int]]:
-    """(query heads, kv heads) of every attention node (q and k are [T, heads, head_dim])."""
-    out = []
-    for n in graph.nodes:
-        if n.op.startswith("attention"):
-            out.append((graph.type_of(n.inputs[0]).shape[1], graph.type_of(n.inputs[1]).shape[1]))
-    return out
+    """(query heads, kv heads) of every attention node, fused forms included (their output
+    is [T, heads, head_dim]; `layer` names their KV slot)."""
+    return [(n.type.shape[1], graph.kv_layers[n.attrs["layer"]].num_kv_heads)
+            for n in graph.nodes if "attention" in n.op and "layer" in n.attrs]
 
 
 def num_layers(graph: Graph) -> int:
@@ -106,10 +104,6 @@ def validate_layout(graph: Graph, tp: int, pp: int, num_devices: int) -> None:
     if pp > layers:
         raise ConfigError(f"pp={pp} pipeline stages but {graph.name} has only {layers} layers; "
                           f"use pp <= {layers}")
-    for name, p in graph.params.items():  # a declared model-parallel axis that tp does not split
-        for dim, logical in zip(p.type.shape, p.type.axes or ()):
-            if logical in ("heads", "kv_heads", "mlp") and isinstance(dim, int) and dim % tp:
-                raise ConfigError(f"tp={tp} does not divide dim {dim} ({logical}) of parameter {name!r}")
 
 
 def _divisors(n: int) -> list[int]:

@@ -131,3 +131,18 @@ def test_impossible_layouts_fail_at_build_time(llama, tmp_path):
     with pytest.raises(ConfigError, match=r"tp=4 does not divide the 2 kv heads"):
         validate_layout(gqa, 4, 1, len(jax.devices()))
     validate_layout(gqa, 2, 2, len(jax.devices()))  # 2 kv heads, 2 layers: fine
+
+
+def test_fused_and_quantized_graph_shards(llama):
+    """The default pipeline's graph (fused QKV [embed, kv_heads, group + 2, head_dim], fused
+    gate_up, add + norm, fp8 weights with per-channel scales) on tp=2 x pp=2 matches the
+    same graph on one device."""
+    from kiln.passes.pipeline import compile_model
+
+    graph, params = compile_model(llama[0], llama[1], quantization="fp8")
+    assert "qkv_proj.w" in " ".join(graph.params)
+    expected = greedy(Stepper(graph, params), n=3)
+    model = shard_model(graph, params, tp=2, pp=2)
+    _assert_same(greedy(use_sharded(Stepper(graph, params), model), n=3), expected)
+    qkv = model.params["stage.0.qkv_proj.w"]
+    assert qkv.addressable_shards[0].data.shape == (1, 64, 8 // 2, 3, 8)   # split by kv heads
