@@ -107,9 +107,11 @@ def load_params(graph: Graph, cfg: ModelConfig, source: WeightSource, *,
         if p.name not in mapping:
             raise CheckpointError(f"parameter {p.name!r} has no weight rule for {cfg.architecture}")
         src, transform = mapping[p.name]
-        if src not in available:
-            raise CheckpointError(f"checkpoint has no tensor {src!r} (needed for parameter {p.name!r})")
-        arr = _transform(source.get(src), transform, cfg)
+        for s in (src,) if isinstance(src, str) else src:
+            if s not in available:
+                raise CheckpointError(f"checkpoint has no tensor {s!r} (needed for parameter {p.name!r})")
+        arr = source.get(src) if isinstance(src, str) else np.stack([source.get(s) for s in src])
+        arr = _transform(arr, transform, cfg)
         if tuple(arr.shape) != p.type.shape:
             raise CheckpointError(f"tensor {src!r} has shape {tuple(arr.shape)}, expected {p.type.shape} "
                                   f"for parameter {p.name!r}")
@@ -141,8 +143,16 @@ class Checkpoint:
     """A model on disk: its config, a weight source and where its tokenizer lives (a directory,
     or a GGUF file whose metadata holds the tokenizer)."""
 
-    def __init__(self, config: ModelConfig, source: WeightSource, tokenizer_path: str | None):
+    def __init__(self, config: ModelConfig, source: WeightSource | None, tokenizer_path: str | None,
+                 random_seed: int | None = None):
         self.config, self.source, self.tokenizer_path = config, source, tokenizer_path
+        self.random_seed = random_seed  # a random-weight model (source None): weights made on the device
+
+    def load_params(self, graph: Graph, **kw) -> dict[str, object]:
+        """The graph's parameters: streamed from the checkpoint, or random for a preset."""
+        if self.source is None:
+            return random_params(graph, self.random_seed or 0)
+        return load_params(graph, self.config, self.source, **kw)
 
     def load_tokenizer(self):
         """The checkpoint's transformers tokenizer (with its chat template), or None."""
@@ -154,6 +164,16 @@ class Checkpoint:
         if p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+
+RANDOM_PREFIX = "random:"
+
+
+def _random_preset(path) -> str | None:
+    """`random:NAME` names a preset shape (models/presets.py) with random weights."""
+    if isinstance(path, str) and path.startswith(RANDOM_PREFIX):
+        return path[len(RANDOM_PREFIX):]
+    return None
 
 
 def _resolve(path: str | Path | None) -> Path:
@@ -171,6 +191,10 @@ def open_config(path: str | Path | None) -> ModelConfig:
     from kiln.errors import ConfigError
     from kiln.models.registry import get_family
 
+    if _random_preset(path) is not None:
+        from kiln.models.presets import preset_config
+
+        return preset_config(_random_preset(path))
     p = _resolve(path)
     if not p.exists():
         raise ConfigError(f"{p}: no such file or directory; pass a Hugging Face checkpoint directory or a .gguf file")
@@ -187,7 +211,10 @@ def open_config(path: str | Path | None) -> ModelConfig:
 
 def open_checkpoint(path: str | Path | None) -> Checkpoint:
     """Open a Hugging Face checkpoint directory, a GGUF file, or (None) the default model.
-    Raises `ConfigError` / `CheckpointError` naming the file when something is missing or malformed."""
+    Raises `ConfigError` / `CheckpointError` naming the file when something is missing or malformed.
+    `random:NAME` is a preset shape with random weights (no tokenizer)."""
+    if _random_preset(path) is not None:
+        return Checkpoint(open_config(path), None, None, random_seed=0)
     p = _resolve(path)
     if p.is_file() and p.suffix == ".gguf":
         from kiln.models.gguf import open_gguf

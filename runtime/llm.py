@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 from kiln.errors import ConfigError, RequestError
 from kiln.models.config import DTYPE_NAMES
-from kiln.models.loader import load_params, open_checkpoint
+from kiln.models.loader import open_checkpoint
 from kiln.models.registry import build_graph
 from kiln.runtime.engine import Engine
 from kiln.runtime.outputs import EngineStats, RequestOutput
@@ -81,7 +81,7 @@ class LLM:
         """Graph and placed params. Seam: a pass pipeline (graph -> graph with matching
         weight transforms) and sharded placement over `mesh` plug in here."""
         graph = build_graph(ckpt.config, self.dtype)
-        return graph, load_params(graph, ckpt.config, ckpt.source)
+        return graph, ckpt.load_params(graph)
 
     # -- generation
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
