@@ -120,6 +120,11 @@ def _cmd_graph(args) -> int:
     from kiln.models.registry import build_graph
 
     graph = build_graph(open_config(args.model), None if args.dtype == "auto" else args.dtype)
+    if getattr(args, "tp", 1) > 1 or getattr(args, "pp", 1) > 1:  # the placement on a (pp, tp) mesh
+        from kiln.passes.sharding import placement_plan
+
+        print(placement_plan(graph, args.tp, args.pp))
+        return 0
     if args.format == "json":
         print(json.dumps(to_json(graph), indent=1))
     else:
@@ -179,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(gr)
     gr.add_argument("--format", default="text", choices=["text", "json"])
     gr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gr.add_argument("--tp", type=int, default=1, help="print each weight's placement with tensor parallel N")
+    gr.add_argument("--pp", type=int, default=1, help="... and pipeline parallel M (layers per stage)")
     gr.set_defaults(func=_cmd_graph)
     return parser
 

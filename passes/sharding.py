@@ -50,16 +50,17 @@ class ShardingRules:
         "mlp": "tp",
     })
 
-    def spec(self, t: TensorType, mesh: Mesh) -> P:
-        """The PartitionSpec of a tensor from its logical axes. A dim whose size the mesh axis
-        does not divide (or that is symbolic) stays replicated; a mesh axis is used once."""
+    def spec(self, t: TensorType, mesh) -> P:
+        """The PartitionSpec of a tensor from its logical axes on `mesh` (a Mesh or a dict of
+        axis sizes). A dim whose size the mesh axis does not divide (or that is symbolic)
+        stays replicated; a mesh axis is used once."""
         if not t.axes:
             return P()
+        sizes = getattr(mesh, "shape", mesh)
         out, used = [], set()
         for dim, logical in zip(t.shape, t.axes):
             m = self.axes.get(logical) if logical else None
-            if m is None or m in used or mesh.shape.get(m, 1) == 1 or not isinstance(dim, int) \
-                    or dim % mesh.shape[m]:
+            if m is None or m in used or sizes.get(m, 1) == 1 or not isinstance(dim, int) or dim % sizes[m]:
                 out.append(None)
             else:
                 out.append(m)
@@ -104,6 +105,36 @@ def validate_layout(graph: Graph, tp: int, pp: int, num_devices: int) -> None:
     if pp > layers:
         raise ConfigError(f"pp={pp} pipeline stages but {graph.name} has only {layers} layers; "
                           f"use pp <= {layers}")
+
+
+def placement_plan(graph: Graph, tp: int, pp: int, rules: ShardingRules = TP_RULES) -> str:
+    """Where each parameter goes on a (pp, tp) mesh, as text (`kiln graph MODEL --tp N --pp M`).
+    Validates the layout against the graph (not against the devices of this machine)."""
+    from kiln.passes.pipeline_parallel import split_layers
+
+    validate_layout(graph, tp, pp, tp * pp)
+    sizes = {"pp": pp, "tp": tp}
+    stage = {i: s for s, r in enumerate(split_layers(num_layers(graph), pp)) for i in r}
+    lines = [f"# {graph.name}: tp={tp} x pp={pp} = {tp * pp} devices; kv pools split by kv heads over tp"]
+    lines += [f"# stage {s}: layers {r.start}..{r.stop - 1}"
+              for s, r in enumerate(split_layers(num_layers(graph), pp))]
+    for name, p in graph.params.items():
+        spec = rules.spec(p.type, sizes)
+        layer = name.split(".")[1] if name.startswith("layers.") else None
+        where = f"stage {stage[int(layer)]}" if layer is not None and pp > 1 else "all stages"
+        per_dev = [d // sizes[m] if m else d for d, m in zip(p.type.shape, tuple(spec) + (None,) * 8)]
+        lines.append(f"{name:32s} {str(p.type):34s} {str(spec):22s} {where:10s} per device {tuple(per_dev)}")
+    return "\n".join(lines)
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """Join a multi-process (multi-host) run: the same program on every process, each with its
+    own devices; `jax.devices()` then lists all of them and `shard_model` spans them. On the
+    CPU the collectives go through gloo."""
+    if "jax_cpu_collectives_implementation" in jax.config.values:  # only the CPU client reads it
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
 
 
 def _divisors(n: int) -> list[int]:

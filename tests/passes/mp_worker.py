@@ -19,14 +19,14 @@ LAYOUTS = ((4, 1), (2, 2))  # tp=4: all-reduces across processes; tp=2 x pp=2: a
 
 
 def main(process_id: int, port: int, checkpoint: str, out: str) -> None:
-    if "jax_cpu_collectives_implementation" in jax.config.values:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from kiln.passes.sharding import initialize_distributed
+
+    initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
 
     from kiln.models.loader import load_params, open_checkpoint
     from kiln.models.registry import build_graph
-    from kiln.passes.sharding import shard_model, to_host
+    from kiln.passes.sharding import shard_model, to_host  # noqa: E402
     from tests.helpers import Stepper
     from tests.passes.sharding_cases import greedy, use_sharded
 

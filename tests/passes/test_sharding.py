@@ -146,3 +146,17 @@ def test_fused_and_quantized_graph_shards(llama):
     _assert_same(greedy(use_sharded(Stepper(graph, params), model), n=3), expected)
     qkv = model.params["stage.0.qkv_proj.w"]
     assert qkv.addressable_shards[0].data.shape == (1, 64, 8 // 2, 3, 8)   # split by kv heads
+
+
+def test_cli_prints_the_placement_and_rejects_impossible_layouts(tmp_path, capsys):
+    from kiln.cli import main
+
+    make_hf_checkpoint("mistral", tmp_path)  # 4 heads, 2 kv heads, 2 layers
+    assert main(["graph", str(tmp_path), "--tp", "2", "--pp", "2"]) == 0
+    plan = capsys.readouterr().out
+    assert "# stage 1: layers 1..1" in plan
+    assert "layers.1.o_proj.w" in plan and "P('tp',)" in plan and "per device (32, 64)" in plan
+    assert main(["graph", str(tmp_path), "--tp", "4"]) == 2
+    assert "tp=4 does not divide the 2 kv heads" in capsys.readouterr().err
+    assert main(["graph", str(tmp_path), "--pp", "3"]) == 2
+    assert "pp=3 pipeline stages but MistralForCausalLM has only 2 layers" in capsys.readouterr().err
