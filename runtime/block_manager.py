@@ -75,8 +75,10 @@ class BlockManager:
         """Grow `table` to hold `num_tokens` tokens, first taking the prefix-cache blocks
         `cached` (only when the table is empty). All or nothing: returns False, changing
         nothing, when the pool is short."""
-        assert not cached or not table.block_ids
         need = self.blocks_needed(num_tokens) - len(table.block_ids) - len(cached)
+        if need <= 0 and not cached:
+            return True
+        assert not cached or not table.block_ids
         revive = sum(1 for b in cached if self.ref[b] == 0)
         if max(need, 0) + revive > len(self.free):
             return False

@@ -84,9 +84,10 @@ class Runner:
 
         T = bucket(self.max_num_tokens, 16)
         S = min(T, self.max_num_seqs)
-        inputs, _ = prepare_inputs([SeqChunk([0] * T, 0, [0] * self.max_blocks)], self.block_size, pad_tokens=T,
-                                   pad_seqs=S, pad_blocks=self.max_blocks, pad_logits=S)
-        inputs["block_tables"][:] = 0
+        per = -(-T // S)  # S sequences share the T tokens, every block table at full width
+        chunks = [SeqChunk([0] * min(per, T - i), 0, [0] * self.max_blocks) for i in range(0, T, per)]
+        inputs, _ = prepare_inputs(chunks, self.block_size, pad_tokens=T, pad_seqs=S, pad_blocks=self.max_blocks,
+                                   pad_logits=S)
         kv = allocate_kv_cache(self.graph, 1, self.block_size, self.dtype)
         samp = _dummy_sampling(S)
         try:
