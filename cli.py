@@ -5,6 +5,7 @@
     kiln eval [MODEL] --text FILE [--dtype D] [--quant Q] [--window N] [--stride N]
     kiln graph MODEL [--format text|json]
     kiln serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    kiln bench [MODEL | --random-weights PRESET] [--mode throughput|latency|serving] [--isl N] [--osl N]
 
 Every error Kiln raises on purpose (`KilnError`) prints one line and exits with code 2.
 """
@@ -30,7 +31,7 @@ def _cmd_generate(args) -> int:
 
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1)  # one conversation: a KV pool for one sequence
     prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     out = llm.generate([prompt], sp)[0].outputs[0]
     print(out.text)
@@ -53,7 +54,7 @@ def _cmd_chat(args) -> int:
 
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1)  # one conversation: a KV pool for one sequence
     turns = [args.prompt] if args.prompt is not None else None
     messages = []
     interactive = turns is None and sys.stdin.isatty()
@@ -111,6 +112,27 @@ def _cmd_serve(args) -> int:
     name = args.served_model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     serve(llm, host=args.host, port=args.port, log_level=args.log_level,
           config=ServerConfig(model_name=name, api_key=args.api_key, max_waiting=args.max_waiting))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from kiln import LLM
+    from kiln.runtime import bench
+
+    model = f"random:{args.random_weights}" if args.random_weights else args.model
+    llm = LLM(model, **engine_kwargs(args))
+    a = bench.BenchArgs(mode=args.mode, isl=args.isl, osl=args.osl, num_requests=args.num_requests,
+                        isl_spread=args.isl_spread, osl_spread=args.osl_spread, dataset=args.dataset,
+                        request_rate=args.request_rate, seed=args.seed, warmup=args.warmup)
+    report = bench.run(llm, a, log=lambda m: print(m, file=sys.stderr))
+    report["model"] = model
+    print(f"kiln bench {args.mode} on {report['device']} ({model})")
+    print(bench.format_table({**report["results"], **report["roofline"], "kv_blocks": report["kv_blocks"],
+                              "peak_device_memory_GiB": (report["peak_device_memory_bytes"] or 0) / 2**30}))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        bench.plot_curve(report.get("curve", [report["results"]]), args.plot)
     return 0
 
 
@@ -179,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info")
     add_engine_args(sv)
     sv.set_defaults(func=_cmd_serve)
+
+    bn = sub.add_parser("bench", help="benchmark throughput, latency or serving")
+    bn.add_argument("model", nargs="?", default=None, help="checkpoint, GGUF file or engine directory")
+    bn.add_argument("--random-weights", metavar="PRESET", default=None,
+                    help="benchmark a preset shape with random weights (llama-3-8b, llama-3-70b, qwen2.5-7b, ...)")
+    bn.add_argument("--mode", default="throughput", choices=["throughput", "latency", "serving"])
+    bn.add_argument("--isl", type=int, default=128, help="input tokens per request")
+    bn.add_argument("--osl", type=int, default=128, help="output tokens per request")
+    bn.add_argument("--isl-spread", type=float, default=0.0, help="input lengths uniform in isl*(1 +- spread)")
+    bn.add_argument("--osl-spread", type=float, default=0.0)
+    bn.add_argument("--num-requests", type=int, default=256)
+    bn.add_argument("--dataset", default=None, help="JSONL file of {\"prompt\": ..., \"max_tokens\": ...}")
+    bn.add_argument("--request-rate", default="inf", help="serving mode: requests/s (comma-separated for a curve)")
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--warmup", type=int, default=1, help="1: compile the workload's shapes before timing")
+    bn.add_argument("--output", default=None, help="write the report as JSON")
+    bn.add_argument("--plot", default=None, help="write a PNG of latency vs throughput")
+    add_engine_args(bn)
+    bn.set_defaults(func=_cmd_bench)
 
     gr = sub.add_parser("graph", help="print the model's graph")
     _add_model_arg(gr)

@@ -1,0 +1,41 @@
+"""`kiln bench` runs each mode end to end and reports consistent numbers."""
+
+import json
+
+import pytest
+
+from kiln.cli import main
+from tests.helpers import make_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench_llama")
+    make_hf_checkpoint("llama", path)
+    return path
+
+
+@pytest.mark.parametrize("mode,extra", [("throughput", []), ("latency", []),
+                                        ("serving", ["--request-rate", "50,inf"])])
+def test_bench_modes_report(ckpt, tmp_path, mode, extra, capsys):
+    out = tmp_path / "r.json"
+    code = main(["bench", str(ckpt), "--mode", mode, "--num-requests", "6", "--isl", "8", "--osl", "5",
+                 "--isl-spread", "0.5", "--dtype", "float32", "--num-kv-blocks", "64", "--max-num-seqs", "4",
+                 "--max-model-len", "64", "--output", str(out)] + extra)
+    assert code == 0
+    rep = json.loads(out.read_text())
+    r = rep["results"]
+    assert r["requests"] == 6 and r["output_tokens"] == 30
+    assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["duration_s"])
+    assert r["ttft_ms_p50"] <= r["ttft_ms_p99"] and r["itl_ms_p50"] > 0
+    assert rep["roofline"]["roofline_output_tokens_per_s"] > 0 and rep["kv_blocks"] == 64
+    if mode == "serving":
+        assert [c["request_rate"] for c in rep["curve"]] == [50.0, float("inf")]
+    assert "output_tokens_per_s" in capsys.readouterr().out
+
+
+def test_bench_bad_dataset_is_one_line(tmp_path, ckpt, capsys):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"nope": 1}\n')
+    code = main(["bench", str(ckpt), "--dataset", str(bad), "--dtype", "float32", "--num-kv-blocks", "16"])
+    assert code == 2 and "d.jsonl:2" in capsys.readouterr().err
