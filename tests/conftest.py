@@ -16,3 +16,15 @@ def tiny_checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     make_hf_checkpoint(request.param, path)
     return request.param, path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model (SmolLM2-135M-Instruct GGUF) opened once: (checkpoint, fp32 graph,
+    fp32 params, tokenizer)."""
+    from kiln.models.loader import load_params, open_checkpoint
+    from kiln.models.registry import build_graph
+
+    ckpt = open_checkpoint(None)
+    graph = build_graph(ckpt.config, "float32")
+    return ckpt, graph, load_params(graph, ckpt.config, ckpt.source), ckpt.load_tokenizer()
