@@ -336,3 +336,6 @@ def _attention_local(impl, entry, q, k, v, positions, seq_ids, slot_mapping, blo
 
 
 register_op("attention", _attention_shape, _attention_lower, inputs=9)
+
+
+from kiln.graph import ops_extra  # noqa: E402,F401  (moe, longrope, sigmoid_gate: the wider model families)

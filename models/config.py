@@ -15,7 +15,7 @@ from kiln.errors import ConfigError
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16", "half": "float16", "float": "float32"}
 
-_SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3")
+_SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'rope_scaling' must be an object, got {rope!r}")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's first name for LongRoPE
         if rope_type not in _SUPPORTED_ROPE:
             raise ConfigError(f"{source}: rope scaling type {rope_type!r} is not supported "
                               f"(supported: {', '.join(_SUPPORTED_ROPE)})")
@@ -122,6 +123,10 @@ class ModelConfig:
             scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
             scaling["rope_type"] = rope_type
             scaling.setdefault("max_position_embeddings", max_pos)
+            if rope_type == "longrope":  # factor: the context's growth over the trained length (as transformers)
+                orig = scaling.setdefault("original_max_position_embeddings",
+                                          get("original_max_position_embeddings", default=max_pos, types=int))
+                scaling.setdefault("factor", max_pos / orig)
             if "factor" not in scaling:
                 raise ConfigError(f"{source}: rope scaling {rope_type!r} needs a 'factor'")
 

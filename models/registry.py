@@ -19,9 +19,11 @@ from kiln.models.config import ModelConfig
 @dataclass(frozen=True)
 class WeightRule:
     """`param` and `source` are patterns with `{i}` for the layer index; `transform` is
-    None, "T" (transpose a [out, in] matrix to [in, out]) or a callable(array, cfg)."""
+    None, "T" (transpose a [out, in] matrix to [in, out]) or a callable(array, cfg).
+    A tuple `source` names several tensors, stacked on a new leading axis before the
+    transform (a mixture-of-experts layer's per-expert matrices -> one [experts, ...])."""
     param: str
-    source: str
+    source: str | tuple[str, ...]
     transform: str | Callable | None = None
 
 
@@ -71,7 +73,9 @@ def resolve_weights(cfg: ModelConfig, param_names) -> dict[str, tuple[str, str |
         for rx, rule in compiled:
             m = rx.match(name)
             if m:
-                out[name] = (rule.source.format(**m.groupdict()), rule.transform)
+                g = m.groupdict()
+                src = rule.source.format(**g) if isinstance(rule.source, str) else tuple(s.format(**g) for s in rule.source)
+                out[name] = (src, rule.transform)
                 break
     return out
 
@@ -84,3 +88,4 @@ def _load_builtin():
     if not _loaded:
         _loaded = True
         from kiln.models import llama  # noqa: F401  (registers its architectures)
+        from kiln.models import gemma, gpt2, moe, phi3, qwen3  # noqa: F401
