@@ -161,6 +161,8 @@ def param_shardings(graph: Graph, mesh: Mesh, rules: ShardingRules = TP_RULES) -
 def put_global(x, sharding: NamedSharding):
     """Place a host (numpy) or device array with `sharding`. Works across processes: each
     process supplies the same host value and fills only its own devices."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
     if isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)
@@ -232,6 +234,11 @@ class ShardedModel:
     _layout: Any = None   # pipeline layout (pp > 1): how layers map onto stages
 
     def put(self, name: str, array):
+        """A `load_params` put callback: places each weight as it is read. With pp > 1 a layer
+        weight stays on the host until `place` stacks it with the other stages' (host memory
+        then holds the layers once)."""
+        if self._layout is not None and name in self._layout.slot_of:
+            return np.asarray(array)
         return put_global(array, self.param_shardings[name])
 
     def place(self, params: dict) -> dict:

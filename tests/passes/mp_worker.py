@@ -1,21 +1,16 @@
 """One process of tests/passes/test_multiprocess.py: joins a 2-process jax.distributed CPU
-cluster (2 devices each), runs greedy decoding of the shared prompts through sharded
+cluster (2 devices each: the parent sets XLA_FLAGS), runs greedy decoding of the shared prompts through sharded
 models spanning both processes, and writes the tokens as JSON.
 
     python -m tests.passes.mp_worker PROCESS_ID PORT CHECKPOINT OUT_JSON
 """
 
-import os
+import json
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
 
-import json  # noqa: E402
-
-import jax  # noqa: E402
-
-LAYOUTS = ((4, 1), (2, 2))  # tp=4: all-reduces across processes; tp=2 x pp=2: a stage per process
+from tests.passes.sharding_cases import MP_LAYOUTS
 
 
 def main(process_id: int, port: int, checkpoint: str, out: str) -> None:
@@ -32,11 +27,11 @@ def main(process_id: int, port: int, checkpoint: str, out: str) -> None:
 
     ck = open_checkpoint(checkpoint)
     graph = build_graph(ck.config, "float32")
-    params = load_params(graph, ck.config, ck.source)
     result = {}
-    for tp, pp in LAYOUTS:
-        model = shard_model(graph, params, tp=tp, pp=pp)
-        stepper = use_sharded(Stepper(graph, params), model)
+    for tp, pp in MP_LAYOUTS:
+        model = shard_model(graph, tp=tp, pp=pp)  # weights stream onto their devices as they load
+        model.params = model.place(load_params(graph, ck.config, ck.source, put=model.put))
+        stepper = use_sharded(Stepper(graph, model.params), model)
         stepper.step_fn = lambda p, kv, inputs, m=model: _fetch(m.step(p, kv, inputs), to_host)
         tokens, _ = greedy(stepper, n=3)
         result[f"tp{tp}_pp{pp}"] = tokens

@@ -10,6 +10,8 @@ from kiln.runtime.batch import SeqChunk
 # 8 query heads and 8 kv heads of dim 8: tp = 2, 4 and 8 all divide them
 WIDE_HEADS = dict(num_attention_heads=8, num_key_value_heads=8)
 PROMPTS = ([5, 17, 42, 99, 7], [3, 250, 11])
+# two processes x 2 CPU devices: tp=4 all-reduces across processes; tp=2 x pp=2 puts a stage on each
+MP_LAYOUTS = ((4, 1), (2, 2))
 
 
 def greedy(stepper, prompts=PROMPTS, n: int = 5) -> tuple[list[list[int]], list[np.ndarray]]:

@@ -13,8 +13,7 @@ from pathlib import Path
 from kiln.models.loader import load_params, open_checkpoint
 from kiln.models.registry import build_graph
 from tests.helpers import Stepper, make_hf_checkpoint
-from tests.passes.mp_worker import LAYOUTS
-from tests.passes.sharding_cases import WIDE_HEADS, greedy
+from tests.passes.sharding_cases import MP_LAYOUTS, WIDE_HEADS, greedy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +31,7 @@ def test_two_processes_agree_with_one(tmp_path):
     expected, _ = greedy(Stepper(graph, load_params(graph, ck.config, ck.source)), n=3)
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.passes.mp_worker", str(i), str(port),
                                str(tmp_path / "ckpt"), str(tmp_path / f"out{i}.json")],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -50,4 +49,4 @@ def test_two_processes_agree_with_one(tmp_path):
     results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     assert [r["process"] for r in results] == [0, 1]
     for r in results:
-        assert r["tokens"] == {f"tp{tp}_pp{pp}": expected for tp, pp in LAYOUTS}
+        assert r["tokens"] == {f"tp{tp}_pp{pp}": expected for tp, pp in MP_LAYOUTS}
