@@ -8,36 +8,58 @@ A flat ragged batch of T new tokens writes its K/V at `slot_mapping[t]` (negativ
 dropped), then each token attends over its sequence's blocks, keys at positions
 `<= positions[t]` (causal inside the new tokens too) and, with a sliding window `W`,
 `> positions[t] - W`.
+
+Implementations (`impl`): "reference" (plain JAX, the correctness oracle, any backend),
+"pallas" (`ragged_paged_attention.py`, Triton on the GPU), "interpret" (the same kernel in
+Pallas interpret mode, for CPU tests) and "auto": the kernel on the GPU, the reference
+elsewhere. `KILN_ATTENTION=reference|pallas` in the environment overrides "auto".
+
+FP8 (e4m3) pools: the cache entry may carry scalar `k_scale`/`v_scale` (value = stored *
+scale); writes divide by the scale and saturate, reads multiply (the kernel folds the
+scales into the softmax scale and the output).
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("reference",)
+from kiln.errors import ConfigError
+
+IMPLS = ("auto", "reference", "pallas", "interpret")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def write_kv(k_pool, v_pool, k, v, slot_mapping):
+def write_kv(k_pool, v_pool, k, v, slot_mapping, *, k_scale=None, v_scale=None):
     """Scatter new K/V [T, KVH, D] into the pools at `slot_mapping` (padding slots < 0 are
-    dropped). Returns the updated pools; with the pools donated, XLA updates in place."""
+    dropped). Returns the updated pools; with the pools donated, XLA updates in place (a
+    scatter of T rows, no pass over the cache). FP8 pools store `value / scale`, saturated."""
     kvh, nb, bs, d = k_pool.shape
     slots = jnp.where(slot_mapping < 0, nb * bs, slot_mapping)  # out of range -> dropped
 
-    def put(pool, new):
+    def put(pool, new, scale):
+        new = jnp.swapaxes(new, 0, 1)
+        if scale is not None:
+            new = jnp.clip(new.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX)
         flat = pool.reshape(kvh, nb * bs, d)
-        flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
+        flat = flat.at[:, slots].set(new.astype(pool.dtype), mode="drop")
         return flat.reshape(kvh, nb, bs, d)
 
-    return put(k_pool, k), put(v_pool, v)
+    return put(k_pool, k, k_scale), put(v_pool, v, v_scale)
 
 
 def paged_attention_reference(q, k_pool, v_pool, positions, seq_ids, block_tables, context_lens, *,
-                              scale, sliding_window=None, soft_cap=None):
+                              scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None):
     """Plain-JAX paged attention over a ragged batch. q [T, H, D] -> [T, H, D].
 
     Gathers every sequence's blocks, then each token's sequence: memory O(T * context),
     the reference that kernels are tested against, not a fast path."""
+    if k_scale is not None:
+        k_pool = k_pool.astype(jnp.float32) * k_scale
+    if v_scale is not None:
+        v_pool = v_pool.astype(jnp.float32) * v_scale
     t, h, d = q.shape
     kvh, _, bs, _ = k_pool.shape
     s, b = block_tables.shape
@@ -65,9 +87,35 @@ def paged_attention_reference(q, k_pool, v_pool, positions, seq_ids, block_table
 
 
 def paged_attention(q, k_pool, v_pool, positions, seq_ids, block_tables, context_lens, query_start_loc, *,
-                    scale, sliding_window=None, soft_cap=None, impl="reference"):
-    """Dispatch to an implementation: "reference" (plain JAX, any backend)."""
+                    scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None, impl="auto"):
+    """Attention of the ragged batch over the (already written) pools, by `impl` (see IMPLS)."""
+    impl = resolve_impl(impl, head_dim=q.shape[-1], block_size=k_pool.shape[2])
     if impl == "reference":
         return paged_attention_reference(q, k_pool, v_pool, positions, seq_ids, block_tables, context_lens,
-                                         scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLS}")
+                                         scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                                         k_scale=k_scale, v_scale=v_scale)
+    from kiln.runtime.kernels.ragged_paged_attention import ragged_paged_attention
+
+    return ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc,
+                                  scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                                  k_scale=k_scale, v_scale=v_scale, interpret=impl == "interpret")
+
+
+def resolve_impl(impl: str, *, head_dim: int, block_size: int) -> str:
+    """The implementation that runs: "auto" is the kernel on the GPU (where the shapes suit
+    it) and the reference elsewhere; an explicit choice is checked, never changed."""
+    from kiln.runtime.kernels.ragged_paged_attention import supported
+
+    if impl not in IMPLS:
+        raise ConfigError(f"unknown attention implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = os.environ.get("KILN_ATTENTION", "auto")
+        if impl not in IMPLS:
+            raise ConfigError(f"KILN_ATTENTION={impl!r} is not one of {', '.join(IMPLS)}; unset it or fix it")
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "pallas" if on_gpu and supported(head_dim, block_size) else "reference"
+    if impl in ("pallas", "interpret") and not supported(head_dim, block_size):
+        raise ConfigError(f"the Pallas attention kernel needs a power-of-two head_dim >= 16 and page size "
+                          f"(got head_dim {head_dim}, kv_block_size {block_size}); use attention='reference'")
+    return impl

@@ -1,0 +1,330 @@
+"""Paged-attention benchmark on one GPU: Kiln's Pallas kernel vs the plain-JAX reference under
+XLA vs jax's own Pallas GPU kernels, on the same inputs, with the machine's ceilings measured
+in the same run.
+
+    python3 benchmarks/bench_attention.py [--quick] [--out DIR]
+
+Decode: batch 64, Llama-3-8B heads (32 q / 8 kv heads, head dim 128), bf16, 16-token pages
+shuffled across the pool, contexts 2k-32k; figure = K/V bytes read / time (HBM GB/s).
+Prefill: causal chunks of 2k-8k tokens; figure = useful attention FLOPs / time (TFLOP/s).
+Ceilings: a device-to-device copy (bytes read + written) and a bf16 8192^3 matmul.
+Also checks the kernel against the reference on the GPU, and times the KV-cache write.
+Writes attention.json and attention.md under --out (default $OUT or .)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kiln.runtime.kernels.attention import paged_attention_reference, write_kv
+from kiln.runtime.kernels.ragged_paged_attention import KernelConfig, choose_config, ragged_paged_attention
+
+KVH, H, D, PAGE = 8, 32, 128, 16
+INTERPRET = False  # --smoke: every Pallas call in interpret mode at tiny sizes (a CPU dry run of this script)
+
+
+def bench(f, *args, target_s: float = 0.15, reps: int = 5) -> float:
+    """Median seconds per call: calls queued back to back, one sync per repetition."""
+    jax.block_until_ready(f(*args))
+    if INTERPRET:
+        return 1.0
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    one = time.perf_counter() - t0
+    n = int(min(200, max(3, target_s / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(n):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    x = jax.random.normal(jax.random.PRNGKey(0), (1 << (16 if INTERPRET else 30),), jnp.bfloat16)  # 2 GiB
+    copy = jax.jit(lambda x: x * 2)
+    t = bench(copy, x)
+    hbm = 2 * x.nbytes / t
+    del x
+    n = 512 if INTERPRET else 8192
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
+    t = bench(jax.jit(lambda a, b: a @ b), a, b)
+    return {"copy_GBps": hbm / 1e9, "matmul_bf16_TFLOPs": 2 * n ** 3 / t / 1e12}
+
+
+def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, pool_dtype=None):
+    """A ragged batch over freshly filled pools; pages of each sequence shuffled across the pool."""
+    s = len(q_lens)
+    pages = [-(-c // PAGE) for c in ctx_lens]
+    nb = sum(pages)
+    width = max(pages)
+    perm = rng.permutation(nb).astype(np.int32)
+    tables = np.zeros((s, width), np.int32)
+    o = 0
+    for i, p in enumerate(pages):
+        tables[i, :p] = perm[o:o + p]
+        o += p
+    t = sum(q_lens)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq_ids = np.repeat(np.arange(s), q_lens).astype(np.int32)
+    positions = np.concatenate([np.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)]).astype(np.int32)
+    key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+    kq, kk, kv = jax.random.split(key, 3)
+    pool_dtype = pool_dtype or dtype
+    mk = lambda k: jax.random.normal(k, (KVH, nb, PAGE, D), jnp.float32).astype(pool_dtype)  # noqa: E731
+    return dict(q=jax.random.normal(kq, (t, H, D), jnp.float32).astype(dtype), k=mk(kk), v=mk(kv),
+                positions=jnp.asarray(positions), seq_ids=jnp.asarray(seq_ids), tables=jnp.asarray(tables),
+                ctx=jnp.asarray(np.asarray(ctx_lens, np.int32)), qsl=jnp.asarray(qsl))
+
+
+def kiln_fn(cfg=None, **kw):
+    def f(b):
+        return ragged_paged_attention(b["q"], b["k"], b["v"], b["seq_ids"], b["tables"], b["ctx"], b["qsl"],
+                                      scale=D ** -0.5, config=cfg, interpret=INTERPRET, **kw)
+    return jax.jit(f)
+
+
+def ref_fn(**kw):
+    def f(b):
+        return paged_attention_reference(b["q"], b["k"], b["v"], b["positions"], b["seq_ids"], b["tables"],
+                                         b["ctx"], scale=D ** -0.5, **kw)
+    return jax.jit(f)
+
+
+def jax_paged_fn(ppcb: int, k_splits: int):
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    def f(b):
+        return paged_attention(b["q"] * D ** -0.5, b["k"], b["v"], b["tables"], b["ctx"],
+                               pages_per_compute_block=ppcb, k_splits=k_splits, interpret=INTERPRET)
+    return jax.jit(f)
+
+
+def rel_err(out, ref, n):
+    out, ref = np.asarray(out[:n], np.float32), np.asarray(ref[:n], np.float32)
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def try_time(name, fn, *args, log):
+    try:
+        t = bench(fn, *args)
+        log(f"  {name}: {t * 1e3:.3f} ms")
+        return t
+    except Exception as e:  # a config that does not compile (shared memory) or does not fit
+        log(f"  {name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return None
+
+
+def sweep(cfgs, b, log):
+    """Time every config; returns ({config: seconds or None}, the three fastest configs)."""
+    times = {str(c): try_time(str(c), kiln_fn(c), b, log=log) for c in cfgs}
+    good = sorted(((t, c) for c, t in zip(cfgs, times.values()) if t), key=lambda x: x[0])
+    return times, [c for _, c in good[:3]]
+
+
+def time_best(row, cfgs, b, log):
+    for i, cfg in enumerate(cfgs):
+        row[f"kiln_best{i}"] = try_time(f"kiln {cfg}", kiln_fn(cfg), b, log=log)
+        row[f"kiln_best{i}_cfg"] = str(cfg)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and configs")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, tiny sizes")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    global INTERPRET
+    INTERPRET = args.smoke
+    os.makedirs(args.out, exist_ok=True)
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    rng = np.random.default_rng(0)
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "decode": [], "prefill": [],
+           "checks": [], "sweeps": {}}
+    log(f"device {res['device']}  jax {jax.__version__}")
+    res["ceilings"] = cl = ceilings()
+    log(f"ceilings: copy {cl['copy_GBps']:.0f} GB/s, bf16 matmul {cl['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+
+    # ---- correctness on the GPU (f32 reference on upcast inputs)
+    for name, ql, cx, kw, dt, pdt in [
+        ("decode bf16", [1] * 16, list(rng.integers(1, 3000, 16)), {}, jnp.bfloat16, None),
+        ("decode bf16 split-K forced", [1] * 16, list(rng.integers(1, 3000, 16)),
+         dict(cfg=KernelConfig(4, 128, 4)), jnp.bfloat16, None),
+        ("mixed bf16 window+softcap", [300, 1, 1, 77, 1], [700, 90, 2000, 77, 5],
+         dict(sliding_window=256, soft_cap=30.0), jnp.bfloat16, None),
+        ("prefill fp32 exact", [512, 200], [512, 900], {}, jnp.float32, None),
+        ("decode fp8 kv", [1] * 16, list(rng.integers(1, 3000, 16)), dict(k_scale=0.5, v_scale=0.25),
+         jnp.bfloat16, jnp.float8_e4m3fn),
+    ]:
+        try:
+            if args.smoke:
+                ql, cx = [max(1, q // 8) for q in ql][:3], [max(1, c // 8) for c in cx][:3]
+            b = make_batch(rng, ql, cx, dt, pdt)
+            cfg = kw.pop("cfg", None)
+            out = kiln_fn(cfg, **kw)(b)
+            bf = {**b, "q": b["q"].astype(jnp.float32), "k": b["k"].astype(jnp.float32),
+                  "v": b["v"].astype(jnp.float32)}
+            ref = ref_fn(**kw)(bf)
+            err = rel_err(out, ref, sum(ql))
+        except Exception:
+            err = float("nan")
+            log(traceback.format_exc())
+        res["checks"].append({"case": name, "rel_err": err})
+        log(f"check {name}: rel err {err:.2e}")
+
+    # ---- decode
+    ctxs = [256] if args.smoke else [2048, 8192] if args.quick else [2048, 8192, 32768]
+    sweep_ctx = 256 if args.smoke else 8192
+    decode_cfgs = [KernelConfig(4, bk, sp, 4, st) for bk in (64, 128) for sp in (1, 2, 4, 8) for st in (2, 3, 4)]
+    if args.quick or args.smoke:
+        decode_cfgs = decode_cfgs[::3] if args.quick else decode_cfgs[:2]
+    best_cfg = {}
+    nb = 4 if args.smoke else 64  # decode batch
+    for ctx in ctxs:
+        log(f"decode batch {nb} ctx {ctx}")
+        b = make_batch(rng, [1] * nb, [ctx] * nb)
+        kv_bytes = 2 * nb * ctx * KVH * D * 2
+        flops = 4 * nb * ctx * H * D
+        row = {"ctx": ctx, "batch": nb, "kv_bytes": kv_bytes,
+               "default_cfg": str(choose_config(nb, nb, KVH, 4, D, PAGE, ctx))}
+        row["kiln_default"] = try_time("kiln (default config)", kiln_fn(), b, log=log)
+        if ctx == sweep_ctx:
+            res["sweeps"]["decode"], best_cfg["decode"] = sweep(decode_cfgs, b, log)
+        time_best(row, best_cfg.get("decode", []), b, log)
+        jt = {}
+        for ppcb, ks in ((8, 16), (16, 8), (4, 16)):
+            jt[f"ppcb{ppcb}_ks{ks}"] = try_time(f"jax paged_attention ppcb={ppcb} k_splits={ks}",
+                                                 jax_paged_fn(ppcb, ks), b, log=log)
+        row["jax_paged"] = min([t for t in jt.values() if t] or [None]) if any(jt.values()) else None
+        row["jax_paged_all"] = jt
+        row["reference"] = try_time("reference (XLA)", ref_fn(), b, log=log) if ctx <= 8192 or not args.quick else None
+        bf8 = {**b, "k": b["k"].astype(jnp.float8_e4m3fn), "v": b["v"].astype(jnp.float8_e4m3fn)}
+        cfg8 = best_cfg.get("decode", [None])[0]
+        row["kiln_fp8"] = try_time("kiln fp8 kv", kiln_fn(cfg8, k_scale=1.0, v_scale=1.0), bf8, log=log)
+        del bf8
+        kts = [row[k] for k in row if k.startswith("kiln_") and not k.endswith("cfg") and row[k]
+               and k != "kiln_fp8"]
+        row["kiln"] = min(kts) if kts else None
+        for k in ("kiln", "kiln_default", "jax_paged", "reference"):
+            if row.get(k):
+                row[k + "_GBps"] = kv_bytes / row[k] / 1e9
+                row[k + "_TFLOPs"] = flops / row[k] / 1e12
+        if row.get("kiln_fp8"):
+            row["kiln_fp8_GBps"] = kv_bytes / 2 / row["kiln_fp8"] / 1e9
+        # the KV write of this step's 64 tokens into the pools (donated: in place)
+        wk = jax.jit(lambda kp, vp, k, v, sl: write_kv(kp, vp, k, v, sl), donate_argnums=(0, 1))
+        newk = jnp.ones((nb, KVH, D), jnp.bfloat16)
+        slots = jnp.asarray(rng.choice(b["k"].shape[1] * PAGE, nb, replace=False).astype(np.int32))
+        kp, vp = b["k"], b["v"]
+        b.clear()
+        try:
+            kp, vp = wk(kp, vp, newk, newk, slots)
+            jax.block_until_ready(kp)
+            t0 = time.perf_counter()
+            for _ in range(50):
+                kp, vp = wk(kp, vp, newk, newk, slots)
+            jax.block_until_ready(kp)
+            row["write_kv_us"] = (time.perf_counter() - t0) / 50 * 1e6
+            log(f"  write_kv ({nb} tokens, donated pools): {row['write_kv_us']:.1f} us; a pass over the pools "
+                f"would take {kv_bytes / (cl['copy_GBps'] * 1e9 / 2) * 1e6:.0f} us")
+        except Exception as e:
+            log(f"  write_kv FAILED {e}")
+        del kp, vp
+        res["decode"].append(row)
+
+    # ---- prefill
+    prefills = [[64], [32] * 2] if args.smoke else [[2048], [8192]] if args.quick else [[2048], [4096], [8192], [2048] * 4]
+    prefill_cfgs = [KernelConfig(bq, bk, 1, w, st) for bq in (16, 32) for bk in (32, 64, 128) for w in (4, 8)
+                    for st in (2, 3)]
+    if args.quick or args.smoke:
+        prefill_cfgs = prefill_cfgs[::4] if args.quick else prefill_cfgs[:2]
+    for ql in prefills:
+        t = sum(ql)
+        log(f"prefill {ql}")
+        b = make_batch(rng, ql, ql)
+        flops = sum(4 * H * D * q * (q + 1) / 2 for q in ql)
+        row = {"q_lens": ql, "flops": flops, "default_cfg": str(choose_config(t, len(ql), KVH, 4, D, PAGE, max(ql)))}
+        row["kiln_default"] = try_time("kiln (default config)", kiln_fn(), b, log=log)
+        if ql == [4096] or ((args.quick and ql == [2048]) or (args.smoke and ql == [64])):
+            res["sweeps"]["prefill"], best_cfg["prefill"] = sweep(prefill_cfgs, b, log)
+        time_best(row, best_cfg.get("prefill", []), b, log)
+        # jax's flash attention (contiguous K/V, heads repeated for GQA), one sequence
+        if len(ql) == 1:
+            from jax.experimental.pallas.ops.gpu.attention import mha
+
+            kc = jax.random.normal(jax.random.PRNGKey(5), (1, t, H, D), jnp.bfloat16)
+            qc = b["q"].reshape(1, t, H, D)
+            row["jax_mha"] = try_time("jax attention.mha (contiguous, causal)",
+                                      jax.jit(lambda q, k, v: mha(q, k, v, None, sm_scale=D ** -0.5, causal=True,
+                                                                     interpret=INTERPRET)),
+                                      qc, kc, kc, log=log)
+            del kc
+        row["reference"] = try_time("reference (XLA)", ref_fn(), b, log=log) if t <= 2048 else None
+        kts = [row[k] for k in row if k.startswith("kiln_") and not k.endswith("cfg") and row[k]]
+        row["kiln"] = min(kts) if kts else None
+        for k in ("kiln", "kiln_default", "jax_mha", "reference"):
+            if row.get(k):
+                row[k + "_TFLOPs"] = flops / row[k] / 1e12
+        b.clear()
+        res["prefill"].append(row)
+
+    res["best_configs"] = {k: [str(c) for c in v] for k, v in best_cfg.items()}
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    md = table(res)
+    with open(os.path.join(args.out, "attention.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "attention.log"), "w") as f:
+        f.write("\n".join(lines))
+    print(md)
+
+
+def table(res) -> str:
+    cl = res["ceilings"]
+    hbm, mm = cl["copy_GBps"], cl["matmul_bf16_TFLOPs"]
+    f = lambda x, d=0: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    out = [f"GPU {res['device']}, jax {res['jax']}. Ceilings measured in this run: copy {hbm:.0f} GB/s "
+           f"(read+write), bf16 matmul {mm:.0f} TFLOP/s.", "",
+           f"Decode, batch {res['decode'][0]['batch'] if res['decode'] else 64}, 32 q / 8 kv heads, head dim 128, bf16, 16-token pages (GB/s of K/V read; % of copy):",
+           "", "| context | Kiln kernel | % | jax paged_attention | % | XLA reference | % | Kiln fp8 KV (GB/s of fp8) | write_kv us |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["decode"]:
+        g = lambda k: r.get(k + "_GBps")  # noqa: E731
+        pct = lambda k: None if g(k) is None else 100 * g(k) / hbm  # noqa: E731
+        out.append(f"| {r['ctx']} | {f(g('kiln'))} | {f(pct('kiln'))} | {f(g('jax_paged'))} | {f(pct('jax_paged'))} | "
+                   f"{f(g('reference'))} | {f(pct('reference'))} | {f(r.get('kiln_fp8_GBps'))} | {f(r.get('write_kv_us'), 1)} |")
+    out += ["", "Prefill, causal, fresh sequences, same heads (TFLOP/s of useful attention FLOPs; % of matmul):", "",
+            "| tokens | Kiln kernel | % | jax attention.mha (contiguous) | % | XLA reference | % |", "|---|---|---|---|---|---|---|"]
+    for r in res["prefill"]:
+        g = lambda k: r.get(k + "_TFLOPs")  # noqa: E731
+        pct = lambda k: None if g(k) is None else 100 * g(k) / mm  # noqa: E731
+        out.append(f"| {'+'.join(map(str, r['q_lens']))} | {f(g('kiln'))} | {f(pct('kiln'))} | {f(g('jax_mha'))} | "
+                   f"{f(pct('jax_mha'))} | {f(g('reference'))} | {f(pct('reference'))} |")
+    out += ["", "GPU checks (rel err vs f32 reference): " +
+            ", ".join(f"{c['case']} {c['rel_err']:.1e}" for c in res["checks"]),
+            "Best configs: " + json.dumps(res.get("best_configs", {}))]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

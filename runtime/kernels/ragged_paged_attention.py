@@ -1,0 +1,297 @@
+"""Ragged paged attention as one Pallas kernel (Triton backend on the GPU, `interpret=True` on
+the CPU): prefill chunks and decode tokens of a flat batch, over the paged KV pools.
+
+Work decomposition. Each sequence's new tokens are cut into q tiles of `block_q` tokens; a
+tile holds those tokens times the G query heads that share one KV head, so one matmul has
+M = block_q * G rows and every K/V byte a tile reads serves all G heads (GQA)::
+
+    flat tokens   | seq0: 0 1 2 3 4 5 | seq1: 6 | seq2: 7 8 | pad |
+    q tiles (4)     [0 1 2 3] [4 5]    [6]       [7 8]
+    grid            (tile, kv_head, split)    one program each
+    tile rows       row r = token (r // G) of the tile, query head (r % G) of the KV head
+
+A program walks its sequence's keys in steps of `block_k` tokens, gathering the pages
+through the block table, with an online softmax. Keys strictly inside the causal/window
+band skip the mask; only the edge steps compute it. With `splits > 1` (decode over long
+contexts) each program takes one slice of the key range and writes an unnormalised
+partial (o, running max, running sum); `combine_splits` merges them (split-K).
+
+Positions are not read: a sequence's new tokens sit at positions
+`context_len - q_len ... context_len - 1`, as `runtime/batch.py` lays them out.
+FP8 (e4m3) pools are read with per-layer scalar scales (`k_scale` folds into the softmax
+scale, `v_scale` into the output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+NEG = -1e30  # masked logit; finite so fully masked rows never make NaNs
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params across jax versions (`CompilerParams` is `TritonCompilerParams`
+    in older releases; a plain dict in the oldest)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+    if cls is not None:
+        return cls(num_warps=num_warps, num_stages=num_stages)
+    return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    block_q: int      # new tokens per q tile (tile rows = block_q * padded group)
+    block_k: int      # key tokens per inner step: a multiple or a divisor of the page size
+    splits: int = 1   # slices of the key range per tile (split-K), merged by combine_splits
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def choose_config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int,
+                  block_size: int, max_context: int, num_cores: int = 132) -> KernelConfig:
+    """Static tile choice from static shapes. Decode-shaped batches (one token per sequence)
+    get the smallest tile that feeds a tensor-core matmul (16 rows) and split-K until the
+    grid fills the GPU a few times over; prefill-shaped batches get 128-row tiles."""
+    gp = _pow2(group)
+    if num_tokens <= num_seqs:  # decode: one token per sequence at most
+        block_q = max(1, 16 // gp)
+        block_k = _fit_block_k(128 if head_dim <= 128 else 64, block_size)
+        tiles = min(num_tokens, -(-num_tokens // block_q) + num_seqs)
+        splits = 1
+        max_splits = max(1, max_context // (4 * block_k))
+        while tiles * num_kv_heads * splits < 4 * num_cores and splits * 2 <= min(16, max_splits):
+            splits *= 2
+        return KernelConfig(block_q, block_k, splits, num_warps=4, num_stages=3)
+    block_q = max(1, (64 if head_dim > 128 else 128) // gp)
+    block_k = _fit_block_k(32 if head_dim > 128 else 64, block_size)
+    return KernelConfig(block_q, block_k, 1, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+
+
+def _fit_block_k(want: int, block_size: int) -> int:
+    """`want` adjusted to a multiple of the page size (pages gathered) or a divisor of it."""
+    if want >= block_size:
+        return max(block_size, want // block_size * block_size)
+    while block_size % want:
+        want //= 2
+    return want
+
+
+def supported(head_dim: int, block_size: int, block_k: int | None = None) -> bool:
+    """Shapes the Triton kernel handles: power-of-two head dims >= 16 and pages that tile."""
+    pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
+    ok = pow2(head_dim) and head_dim >= 16 and pow2(block_size)
+    return ok and (block_k is None or pow2(block_k) and block_k >= 16)
+
+
+# --------------------------------------------------------------------------- host-side metadata
+
+
+def tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int):
+    """Per q tile: (seq, first token, tokens in tile, position of first token), flat int32
+    [num_tiles * 4]; tiles past the last real one have 0 tokens. Also `first_tile[S]`."""
+    qsl = query_start_loc.astype(jnp.int32)
+    s = context_lens.shape[0]
+    qlen = qsl[1:s + 1] - qsl[:s]                         # [S]
+    ntile = (qlen + block_q - 1) // block_q
+    ends = jnp.cumsum(ntile)
+    first = ends - ntile
+    j = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)
+    valid = seq < s
+    seq = jnp.minimum(seq, s - 1)
+    local = (j - first[seq]) * block_q
+    tok0 = qsl[seq] + local
+    nq = jnp.clip(qsl[seq + 1] - tok0, 0, block_q)
+    p0 = context_lens[seq].astype(jnp.int32) - qlen[seq] + local
+    z = jnp.zeros_like(j)
+    meta = jnp.stack([jnp.where(valid, seq, z), jnp.where(valid, tok0, z), jnp.where(valid, nq, z),
+                      jnp.where(valid, p0, z)], axis=1)
+    return meta.reshape(-1), first
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs, group: int, block_q: int,
+            block_k: int, page: int, table_width: int, splits: int, scale: float, sliding_window,
+            soft_cap, exact: bool):
+    tile, split = pl.program_id(0), pl.program_id(2)
+    seq, tok0, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
+    rows = block_q * group
+    head_dim = q_ref.shape[-1]
+    q = q_ref[pl.ds(tok0 * group, rows), :]                          # [M, D]
+    row_pos = p0 + lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
+    sm_scale = scales_ref[0] * scale
+    precision = lax.Precision.HIGHEST if exact else None
+    pages_per_step = max(1, block_k // page)
+
+    def load_kv(kb):
+        if block_k >= page:                                            # gather whole pages
+            pages = bt_ref[pl.ds(seq * table_width + kb * pages_per_step, pages_per_step)]
+            k = k_ref[pages].reshape(block_k, head_dim)
+            v = v_ref[pages].reshape(block_k, head_dim)
+        else:                                                          # a slice of one page
+            start = kb * block_k
+            pg = bt_ref[seq * table_width + start // page]
+            k = k_ref[pg, pl.ds(start % page, block_k), :]
+            v = v_ref[pg, pl.ds(start % page, block_k), :]
+        return k.astype(q.dtype), v.astype(q.dtype)
+
+    def step(kb, carry, masked: bool):
+        o, m, l = carry
+        k, v = load_kv(kb)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * sm_scale   # [M, BK]
+        if soft_cap:
+            s = jnp.tanh(s / soft_cap) * soft_cap
+        if masked:
+            kpos = kb * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+            ok = kpos <= row_pos[:, None]
+            if sliding_window:
+                ok = ok & (kpos > row_pos[:, None] - sliding_window)
+            s = jnp.where(ok, s, NEG)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        l = alpha * l + p.sum(axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+        return alpha[:, None] * o + pv, m_new, l
+
+    # key range of this tile: [lo, hi); blocks fully inside the band for every row skip the mask
+    hi = p0 + nq
+    lo = jnp.maximum(p0 - sliding_window + 1, 0) if sliding_window else 0
+    kb_lo, kb_hi = lo // block_k, (hi + block_k - 1) // block_k
+    if sliding_window:
+        f_lo = jnp.maximum(kb_lo, (jnp.maximum(hi - sliding_window, 0) + block_k - 1) // block_k)
+    else:
+        f_lo = kb_lo
+    f_lo = jnp.minimum(f_lo, kb_hi)
+    f_hi = jnp.clip((p0 + 1) // block_k, f_lo, kb_hi)
+    per = (kb_hi - kb_lo + splits - 1) // splits
+    s_lo = kb_lo + split * per
+    s_hi = jnp.minimum(kb_hi, s_lo + per)
+
+    carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), NEG, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    for a, b, masked in ((kb_lo, f_lo, True), (f_lo, f_hi, False), (f_hi, kb_hi, True)):
+        a, b = jnp.maximum(a, s_lo), jnp.minimum(b, s_hi)
+        carry = lax.fori_loop(a, jnp.maximum(a, b), functools.partial(_flip, step, masked), carry)
+    o, m, l = carry
+    if splits == 1:
+        l = jnp.where(l == 0.0, 1.0, l)
+        o_ref[...] = (o * (scales_ref[1] / l)[:, None]).astype(o_ref.dtype)
+    else:
+        m_ref, l_ref = stat_refs
+        o_ref[...] = o
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def _flip(step, masked, kb, carry):
+    return step(kb, carry, masked)
+
+
+def combine_splits(o, m, l, v_scale):
+    """Merge split-K partials: o [P, ..., D] unnormalised, m/l [P, ...] -> [..., D] f32."""
+    m_max = m.max(axis=0)
+    w = jnp.exp(m - m_max[None])
+    den = (w * l).sum(axis=0)
+    den = jnp.where(den == 0.0, 1.0, den)
+    return (w[..., None] * o).sum(axis=0) * (v_scale / den)[..., None]
+
+
+def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, *,
+                           scale: float, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None,
+                           config: KernelConfig | None = None, interpret: bool = False):
+    """Attention of a ragged flat batch over paged pools. q [T, H, D] -> [T, H, D] (q's dtype).
+
+    Pools are [KVH, num_blocks, block_size, D], bf16/fp32/fp16 or float8_e4m3fn with scalar
+    `k_scale`/`v_scale` (dequantised value = stored * scale). Tokens past
+    `query_start_loc[-1]` (padding) come out as zeros. Reads the pools, writes nothing."""
+    t, h, d = q.shape
+    kvh, nb, page, _ = k_pool.shape
+    s, width = block_tables.shape
+    group = h // kvh
+    gp = _pow2(group)
+    cfg = config or choose_config(t, s, kvh, group, d, page, width * page)
+    bq, bk = cfg.block_q, cfg.block_k
+    if not (bk % page == 0 or page % bk == 0):
+        raise ValueError(f"block_k {bk} must be a multiple or a divisor of the page size {page}")
+    rows = bq * gp
+    num_tiles = max(1, min(t, -(-t // bq) + s))
+    meta, first_tile = tile_metadata(query_start_loc, context_lens, bq, num_tiles)
+
+    pps = max(1, bk // page)
+    width_p = -(-width // pps) * pps
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, nb - 1)
+    tables = jnp.pad(tables, ((0, 0), (0, width_p - width))).reshape(-1)
+
+    # q as [KVH, (T + block_q) * Gp, D]: a tile's rows are contiguous; the tail pad keeps reads in bounds
+    qg = q.reshape(t, kvh, group, d)
+    qg = jnp.pad(qg, ((0, bq), (0, 0), (0, gp - group), (0, 0)))
+    qg = jnp.transpose(qg, (1, 0, 2, 3)).reshape(kvh, (t + bq) * gp, d)
+
+    one = jnp.ones((), jnp.float32)
+    ks = one if k_scale is None else jnp.asarray(k_scale, jnp.float32).reshape(())
+    vs = one if v_scale is None else jnp.asarray(v_scale, jnp.float32).reshape(())
+    scales = jnp.stack([ks, vs])
+    exact = jnp.dtype(q.dtype) == jnp.float32
+
+    kernel = functools.partial(
+        _kernel, group=gp, block_q=bq, block_k=bk, page=page, table_width=width_p, splits=cfg.splits,
+        scale=float(scale), sliding_window=int(sliding_window) if sliding_window else None,
+        soft_cap=float(soft_cap) if soft_cap else None, exact=exact)
+    whole = lambda n: pl.BlockSpec((n,), lambda i, j, k: (0,))  # noqa: E731
+    in_specs = [
+        whole(meta.shape[0]), whole(tables.shape[0]), whole(2),
+        pl.BlockSpec((None, qg.shape[1], d), lambda i, j, k: (j, 0, 0)),
+        pl.BlockSpec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
+        pl.BlockSpec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
+    ]
+    grid = (num_tiles, kvh, cfg.splits)
+    if cfg.splits == 1:
+        out_shape = jax.ShapeDtypeStruct((kvh, num_tiles, rows, d), q.dtype)
+        out_specs = pl.BlockSpec((None, None, rows, d), lambda i, j, k: (j, i, 0, 0))
+    else:
+        p = cfg.splits
+        out_shape = [jax.ShapeDtypeStruct((p, kvh, num_tiles, rows, d), jnp.float32),
+                     jax.ShapeDtypeStruct((p, kvh, num_tiles, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((p, kvh, num_tiles, rows), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, rows, d), lambda i, j, k: (k, j, i, 0, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda i, j, k: (k, j, i, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda i, j, k: (k, j, i, 0))]
+    out = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
+        name=f"kiln_ragged_paged_attention_q{bq}_k{bk}_s{cfg.splits}",
+    )(meta, tables, scales, qg, k_pool, v_pool)
+    if cfg.splits > 1:
+        out = combine_splits(*out, vs)
+
+    # tiles -> tokens: token t of seq s sits in tile first[s] + i // bq, rows (i % bq) * Gp + g
+    out = out.reshape(kvh, num_tiles, bq, gp, d)[:, :, :, :group]
+    seq = seq_ids.astype(jnp.int32)
+    local = jnp.arange(t, dtype=jnp.int32) - query_start_loc[seq]
+    valid = jnp.arange(t) < query_start_loc[s]
+    local = jnp.where(valid, local, 0)
+    tile_of = jnp.where(valid, first_tile[seq] + local // bq, 0)
+    res = out[:, tile_of, local % bq]                                  # [KVH, T, G, D]
+    res = jnp.transpose(res, (1, 0, 2, 3)).reshape(t, h, d)
+    return jnp.where(valid[:, None, None], res, 0).astype(q.dtype)
+
+
+__all__ = ["KernelConfig", "choose_config", "ragged_paged_attention", "combine_splits", "tile_metadata",
+           "supported", "NEG"]
