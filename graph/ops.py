@@ -328,10 +328,11 @@ def _attention_local(impl, entry, q, k, v, positions, seq_ids, slot_mapping, blo
     """One layer's KV write and attention read -> (out, new cache entry)."""
     from kiln.runtime.kernels import attention as attn
 
-    k_pool, v_pool = attn.write_kv(entry["k"], entry["v"], k, v, slot_mapping)
+    scales = dict(k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"))  # FP8 pools carry them
+    k_pool, v_pool = attn.write_kv(entry["k"], entry["v"], k, v, slot_mapping, **scales)
     out = attn.paged_attention(
         q, k_pool, v_pool, positions, seq_ids, block_tables, context_lens, query_start_loc,
-        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, impl=impl)
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, impl=impl, **scales)
     return out, {**entry, "k": k_pool, "v": v_pool}
 
 
