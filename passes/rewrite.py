@@ -55,8 +55,8 @@ def Any_(name: str) -> Pat:
     return Pat(None, name=name)
 
 
-def Param_(name: str, optional: bool = False) -> Pat:
-    return Pat("param", name=name, optional=optional)
+def Param_(name: str, optional: bool = False, where=None) -> Pat:
+    return Pat("param", name=name, optional=optional, where=where)
 
 
 def Input_(input_name: str) -> Pat:

@@ -1,0 +1,250 @@
+"""Quantization: rewrite the weights, swap the op (`linear` -> `qlinear`).
+
+    mode      weight stored as                     scale                       activations
+    fp8       f8e4m3 [in, *out]                    f32 [*out]   per channel    f8e4m3, dynamic per token
+    int8_wo   i8     [in, *out]                    f32 [*out]   per channel    as they are
+    int4_wo   u8     [in / 2, *out] (2 per byte)   f32 [in / g, *out], g = 128  as they are
+
+Scales carry the logical axes of their weight's output dims (int4's group dim carries the
+weight's input axis), so the sharding rules split them with their weights. Weights under
+`quantize_exclude` (default: the lm_head) stay in float.
+
+AWQ (int8_wo / int4_wo with `calibration` prompts): per input channel, the weight is scaled
+up by s = mean|x|^alpha before rounding and the input is scaled down by 1/s (a `smooth`
+vector multiplied into x, which XLA fuses into the producer); alpha is searched per matmul
+on the calibration activations to minimise the output error.
+
+FP8 KV cache (`kv_cache_dtype="fp8"`): the pools are f8e4m3 and each layer's cache entry
+carries scalar `k_scale` / `v_scale` (stored = value / scale); see `allocate_kv_cache`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.graph.ir import Graph
+from kiln.passes.ops import FP8_MAX, QUANT_MODES
+from kiln.passes.rewrite import Any_, Match, Param_, Pat, RewriteResult, Rewriter, Rule, apply_rules, array_module
+
+INT4_GROUP = 128
+AWQ_ALPHAS = tuple(i / 10 for i in range(11))
+
+
+def _dtype(xp, name: str):
+    if xp is np:
+        import ml_dtypes
+
+        return getattr(ml_dtypes, name) if name.startswith("float8") else np.dtype(name)
+    return xp.dtype(name)
+
+
+# --------------------------------------------------------------------------- weight codecs (numpy or jax)
+
+
+def quantize_fp8(w):
+    """w [in, *out] -> (f8e4m3 [in, *out], f32 scale [*out]); w ~= q * scale."""
+    xp = array_module(w)
+    wf = w.astype(xp.float32)
+    scale = xp.maximum(xp.max(xp.abs(wf), axis=0), 1e-12) / FP8_MAX
+    q = xp.clip(wf / scale, -FP8_MAX, FP8_MAX).astype(_dtype(xp, "float8_e4m3fn"))
+    return q, scale.astype(xp.float32)
+
+
+def quantize_int8(w):
+    """w [in, *out] -> (i8 [in, *out], f32 scale [*out]); symmetric, per output channel."""
+    xp = array_module(w)
+    wf = w.astype(xp.float32)
+    scale = xp.maximum(xp.max(xp.abs(wf), axis=0), 1e-12) / 127.0
+    q = xp.clip(xp.round(wf / scale), -127, 127).astype(xp.int8)
+    return q, scale.astype(xp.float32)
+
+
+def int4_group(n_in: int) -> int | None:
+    """128, or the largest power of two below it that divides `n_in` (None if `n_in` is odd)."""
+    g = INT4_GROUP
+    while g >= 2 and n_in % g:
+        g //= 2
+    return g if g >= 2 else None
+
+
+def quantize_int4(w, group: int):
+    """w [in, *out] -> (u8 [in / 2, *out], f32 scale [in / group, *out]); symmetric in [-8, 7],
+    rows 2i / 2i + 1 in the low / high nibble, each stored + 8."""
+    xp = array_module(w)
+    n_in, out = w.shape[0], w.shape[1:]
+    wf = w.astype(xp.float32).reshape((n_in // group, group) + out)
+    scale = xp.maximum(xp.max(xp.abs(wf), axis=1), 1e-12) / 7.0                 # [in / g, *out]
+    q = xp.clip(xp.round(wf / scale[:, None]), -8, 7).astype(xp.int32) + 8
+    q = q.reshape((n_in // 2, 2) + out)
+    packed = (q[:, 0] | (q[:, 1] << 4)).astype(xp.uint8)
+    return packed, scale.astype(xp.float32)
+
+
+def dequantize(mode: str, q, scale, group: int | None = None) -> np.ndarray:
+    """The float weight [in, *out] a quantized one stands for (host numpy; for tests and AWQ)."""
+    q, scale = np.asarray(q), np.asarray(scale, np.float32)
+    if mode in ("fp8", "int8_wo"):
+        return q.astype(np.float32) * scale
+    lo = (q & 0xF).astype(np.int32) - 8
+    hi = (q >> 4).astype(np.int32) - 8
+    w = np.stack([lo, hi], axis=1).reshape((2 * q.shape[0],) + q.shape[1:]).astype(np.float32)
+    return (w.reshape((w.shape[0] // group, group) + w.shape[1:]) * scale[:, None]).reshape(w.shape)
+
+
+def quantize_weight(mode: str, w, group: int | None = None):
+    if mode == "fp8":
+        return quantize_fp8(w)
+    if mode == "int8_wo":
+        return quantize_int8(w)
+    return quantize_int4(w, group)
+
+
+# --------------------------------------------------------------------------- AWQ
+
+
+def awq_search(mode: str, w: np.ndarray, x: np.ndarray, group: int | None = None):
+    """The per-input-channel scale s (or None for alpha = 0) minimising |x W - x Q(W s)/s|^2
+    over the calibration rows x [n, in]; w is [in, *out]."""
+    w2 = np.asarray(w, np.float32).reshape(w.shape[0], -1)
+    x = np.asarray(x, np.float32)
+    ref = x @ w2
+    mean_abs = np.maximum(np.abs(x).mean(axis=0), 1e-6)
+    best, best_err = None, None
+    for alpha in AWQ_ALPHAS:
+        s = mean_abs ** alpha
+        s = s / np.sqrt(s.max() * s.min())
+        q, scale = quantize_weight(mode, w2 * s[:, None], group)
+        err = float(np.square((x / s) @ dequantize(mode, q, scale, group) - ref).sum())
+        if best_err is None or err < best_err:
+            best, best_err = (None if alpha == 0 else s), err
+    return best
+
+
+def collect_activations(graph: Graph, params: dict, prompts, names: list[str], *, block_size: int = 16,
+                        max_rows: int = 512) -> dict[str, np.ndarray]:
+    """Run the prompts through `graph` in one ragged step and return the values `names`
+    take on the real tokens (host fp32, at most `max_rows` rows each)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kiln.graph.lower import lower
+    from kiln.runtime.batch import SeqChunk, prepare_inputs
+
+    g = graph.copy()
+    g.outputs = list(names)
+    chunks, nb = [], 0
+    for p in prompts:
+        n = -(-len(p) // block_size)
+        chunks.append(SeqChunk(list(p), 0, list(range(nb, nb + n))))
+        nb += n
+    inputs, _ = prepare_inputs(chunks, block_size, pad_blocks=max(len(c.block_table) for c in chunks))
+    kv = [{"k": jnp.zeros((l.num_kv_heads, nb, block_size, l.head_dim), jnp.float32),
+           "v": jnp.zeros((l.num_kv_heads, nb, block_size, l.head_dim), jnp.float32)} for l in graph.kv_layers]
+    vals, _ = jax.jit(lower(g))(params, kv, inputs)
+    vals = vals if isinstance(vals, tuple) else (vals,)
+    n_tok = sum(len(p) for p in prompts)
+    rows = np.random.default_rng(0).permutation(n_tok)[:max_rows]
+    return {n: np.asarray(v, np.float32).reshape(v.shape[0], -1)[:n_tok][rows] for n, v in zip(names, vals)}
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _quantizable(exclude):
+    return lambda p: p.type.rank >= 2 and p.type.dtype in ("float32", "bfloat16", "float16") and \
+        not any(p.name.startswith(e) for e in exclude)
+
+
+def _base(w: str) -> str:
+    return w[:-2] if w.endswith(".w") else w
+
+
+def _rewrite(mode: str, smooth: dict):
+    def rewrite(rw: Rewriter, m: Match):
+        wt = rw.type_of(m.w)
+        n_in, out = wt.shape[0], wt.shape[1:]
+        group = int4_group(n_in) if mode == "int4_wo" else None
+        if mode == "int4_wo" and group is None:
+            return False
+        s = smooth.get(m.w)
+        in_axis, out_axes = wt.axes[0], wt.axes[1:]
+        if mode == "int4_wo":
+            scale_shape, scale_axes = (n_in // group,) + out, (in_axis,) + out_axes
+            rw.retype_param(m.w, (n_in // 2,) + out, "uint8", init="zeros")
+        else:
+            scale_shape, scale_axes = out, out_axes
+            rw.retype_param(m.w, wt.shape, "float8_e4m3fn" if mode == "fp8" else "int8", init="zeros")
+        scale = rw.param(_base(m.w) + ".scale", scale_shape, "float32", scale_axes, init="ones")
+        extra = [m.get("b")] if m.get("b") is not None else []
+        if s is not None:
+            extra.append(rw.param(_base(m.w) + ".smooth", (n_in,), wt.dtype, (in_axis,), init="ones"))
+
+            def fn(w, s=s):
+                xp = array_module(w)
+                q, sc = quantize_weight(mode, w * xp.asarray(s, w.dtype).reshape((-1,) + (1,) * (w.ndim - 1)), group)
+                return q, sc, xp.asarray(1.0 / s, w.dtype)
+            rw.weights([m.w, scale, extra[-1]], [m.w], fn)
+        else:
+            rw.weights([m.w, scale], [m.w], lambda w: quantize_weight(mode, w, group))
+        attrs = dict(mode=mode, in_features=n_in, bias=m.get("b") is not None, smooth=s is not None)
+        if group:
+            attrs["group_size"] = group
+        lin = m.node("lin")
+        rw.replace(lin.name, rw.node("qlinear", m.x, m.w, scale, *extra, name=lin.name + ".q", **attrs))
+    return rewrite
+
+
+def quantize_rules(mode: str, exclude=("lm_head",), smooth: dict | None = None) -> list[Rule]:
+    return [
+        # linear(x, w[in, *out]) -> qlinear(x, w_q, scale){mode}   (w_q f8e4m3 | i8 | u8-packed int4)
+        Rule(f"quantize_{mode}", Pat("linear", Any_("x"), Param_("w", where=_quantizable(exclude)),
+                                     Param_("b", optional=True), name="lin"), _rewrite(mode, smooth or {})),
+    ]
+
+
+def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm_head",), calibration=None) -> RewriteResult:
+    """The quantization rewrite; with `calibration` prompts (and weights), AWQ scales for
+    the weight-only modes."""
+    if mode not in QUANT_MODES:
+        raise ValueError(mode)
+    smooth = {}
+    if calibration and params is not None and mode in ("int8_wo", "int4_wo"):
+        ok = _quantizable(exclude)
+        targets = [(n.inputs[0], n.inputs[1]) for n in graph.nodes
+                   if n.op == "linear" and n.inputs[1] in graph.params and ok(graph.params[n.inputs[1]])]
+        acts = collect_activations(graph, params, calibration, sorted({x for x, _ in targets}))
+        for x, w in targets:
+            n_in = graph.params[w].type.shape[0]
+            group = int4_group(n_in) if mode == "int4_wo" else None
+            if mode == "int8_wo" or group:
+                s = awq_search(mode, np.asarray(params[w], np.float32), acts[x], group)
+                if s is not None:
+                    smooth[w] = s
+    return apply_rules(graph, quantize_rules(mode, exclude, smooth), max_sweeps=1)
+
+
+def quantize_pass(mode: str):
+    from kiln.passes.pipeline import Pass
+
+    return Pass(f"quantize_{mode}", lambda g, ctx: quantize_graph(
+        g, ctx.params, mode, exclude=ctx.options.quantize_exclude, calibration=ctx.options.calibration))
+
+
+# --------------------------------------------------------------------------- FP8 KV cache
+
+
+def allocate_kv_cache(graph: Graph, num_blocks: int, block_size: int, dtype: str, *, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> list[dict]:
+    """Pools in the graph's KV cache dtype (`graph.meta["kv_cache_dtype"]`, else `dtype`); FP8
+    entries carry scalar f32 `k_scale` / `v_scale` (stored = value / scale)."""
+    import jax.numpy as jnp
+
+    kv_dtype = graph.meta.get("kv_cache_dtype") or dtype
+    out = []
+    for kv in graph.kv_layers:
+        shape = (kv.num_kv_heads, num_blocks, block_size, kv.head_dim)
+        e = {"k": jnp.zeros(shape, kv_dtype), "v": jnp.zeros(shape, kv_dtype)}
+        if kv_dtype.startswith("float8"):
+            e.update(k_scale=jnp.float32(k_scale), v_scale=jnp.float32(v_scale))
+        out.append(e)
+    return out
