@@ -48,6 +48,7 @@ class ShardingRules:
         "heads": "tp",
         "kv_heads": "tp",
         "mlp": "tp",
+        "experts": None,  # MoE expert weights [experts, in, out]: EP_RULES splits them
     })
 
     def spec(self, t: TensorType, mesh) -> P:
@@ -71,6 +72,9 @@ class ShardingRules:
 
 
 TP_RULES = ShardingRules()
+# expert parallelism over the tp devices: each device holds whole experts (a mesh axis is
+# used once per tensor, so an expert's own mlp dim then stays whole); attention stays tp
+EP_RULES = ShardingRules({**TP_RULES.axes, "experts": "tp"})
 
 
 # --------------------------------------------------------------------------- layout checks
@@ -232,6 +236,7 @@ class ShardedModel:
     kv_pool_sharding: NamedSharding
     _step: Callable
     _layout: Any = None   # pipeline layout (pp > 1): how layers map onto stages
+    raw_step: Callable | None = None  # the un-jitted step, for callers that jit it with more around it
 
     def put(self, name: str, array):
         """A `load_params` put callback: places each weight as it is read. With pp > 1 a layer
@@ -286,10 +291,10 @@ def shard_model(graph: Graph, params: dict | None = None, *, tp: int = 1, pp: in
     shardings = param_shardings(graph, mesh, rules)
     rep = NamedSharding(mesh, P())
     kv_shardings = [{"k": kv_sharding, "v": kv_sharding} for _ in graph.kv_layers]
-    step = jax.jit(lower(graph, attention=attention, shard=TensorParallel(mesh, rules)),
-                   in_shardings=(shardings, kv_shardings, rep), out_shardings=(rep, kv_shardings),
+    raw = lower(graph, attention=attention, shard=TensorParallel(mesh, rules))
+    step = jax.jit(raw, in_shardings=(shardings, kv_shardings, rep), out_shardings=(rep, kv_shardings),
                    donate_argnums=(1,))
-    model = ShardedModel(graph, mesh, rules, tp, pp, {}, shardings, kv_sharding, step)
+    model = ShardedModel(graph, mesh, rules, tp, pp, {}, shardings, kv_sharding, step, raw_step=raw)
     if params is not None:
         model.params = model.place(params)
     return model

@@ -107,6 +107,26 @@ class Family:
             return self._stepper
         return Stepper(graph or self.graph, self.params if params is None else params, num_blocks=256)
 
+    def variant(self, kind: str):
+        """A Stepper over this family under `kind` (made and compiled once): "plain" (no passes),
+        "pipeline" (the default pass pipeline: fusion), "pipeline_tp2" (that, tensor parallel
+        over 2 CPU devices), "pipeline_ep2" (that, experts split over the 2 devices)."""
+        made = self.__dict__.setdefault("_variants", {})
+        if kind not in made:
+            made[kind] = self.stepper() if kind == "plain" else self._make_variant(kind)
+        return made[kind]
+
+    def _make_variant(self, kind):
+        from kiln.passes.pipeline import compile_model
+        from kiln.passes.sharding import EP_RULES, TP_RULES, shard_model
+        from tests.passes.sharding_cases import use_sharded
+
+        graph, params = compile_model(self.graph, dict(self.params))
+        if kind == "pipeline":
+            return Stepper(graph, params, num_blocks=256)
+        model = shard_model(graph, params, tp=2, rules={"pipeline_tp2": TP_RULES, "pipeline_ep2": EP_RULES}[kind])
+        return use_sharded(Stepper(graph, model.params, num_blocks=256), model)
+
     def batch_logits(self, ids_list, stepper=None):
         """All-position logits of several prompts prefilled together in one padded ragged step."""
         from kiln.runtime.batch import SeqChunk
@@ -131,20 +151,28 @@ class Family:
                       SeqChunk([g[-1]], len(p) + len(g) - 1, t) for p, g, t in zip(ids_list, gen, tables)]
         return gen
 
+    def reference(self, what: str, ids, n: int = 0):
+        """transformers' logits ("logits") or n greedy tokens ("greedy") for `ids`, computed once."""
+        memo = self.__dict__.setdefault("_refs", {})
+        key = (what, tuple(ids), n)
+        if key not in memo:
+            memo[key] = hf_logits(self.hf, ids) if what == "logits" else hf_greedy(self.hf, ids, n)
+        return memo[key]
+
     def check_logits(self, ids_list, stepper=None, tol=1e-4):
         for ids, got in zip(ids_list, self.batch_logits(ids_list, stepper)):
-            ref = hf_logits(self.hf, ids)
+            ref = self.reference("logits", ids)
             assert got.shape == ref.shape
             err = rel_err(got, ref)
             assert err < tol, f"prompt of {len(ids)} tokens: relative error {err:.2e}"
 
     def check_greedy(self, ids_list, n=32, stepper=None):
         for ids, got in zip(ids_list, self.batch_greedy(ids_list, n, stepper)):
-            assert got == hf_greedy(self.hf, ids, n)
+            assert got == self.reference("greedy", ids, n)
 
     def check_llm(self, ids, n=32):
         """The public API end to end (checkpoint dir -> LLM -> generate) equals transformers' greedy."""
         from kiln import LLM, SamplingParams
 
         out = LLM(str(self.path), dtype="float32").generate([ids], SamplingParams(max_tokens=n, temperature=0.0))[0]
-        assert out.outputs[0].token_ids == hf_greedy(self.hf, ids, n)
+        assert out.outputs[0].token_ids == self.reference("greedy", ids, n)
