@@ -32,46 +32,61 @@ def bucket(n: int, minimum: int = 8) -> int:
     return b
 
 
+def layout(starts: np.ndarray, lens: np.ndarray, tables: np.ndarray, block_size: int, T: int, S: int
+           ) -> dict[str, np.ndarray]:
+    """The position-derived STEP_INPUTS of R sequences in one numpy pass (no per-sequence
+    Python): sequence r computes `lens[r]` tokens from position `starts[r]` with block table
+    `tables[r]` ([R, B]); padded to T tokens and S sequences. Token ids and logits indices are
+    the caller's."""
+    R, n_tok = len(lens), int(lens.sum())
+    qsl = np.full(S + 1, n_tok, np.int32)
+    qsl[0] = 0
+    np.cumsum(lens, out=qsl[1:R + 1])
+    positions = np.zeros(T, np.int32)
+    seq_ids = np.zeros(T, np.int32)
+    slots = np.full(T, -1, np.int32)
+    if n_tok == R:  # decode only: one token per sequence
+        seq, pos = np.arange(R), starts
+    else:
+        seq = np.repeat(np.arange(R, dtype=np.int32), lens)
+        pos = np.arange(n_tok, dtype=np.int32) - qsl[seq] + starts[seq]
+    positions[:n_tok], seq_ids[:n_tok] = pos, seq
+    slots[:n_tok] = tables[seq, pos // block_size] * block_size + pos % block_size
+    block_tables = np.zeros((S, tables.shape[1]), np.int32)
+    block_tables[:R] = tables
+    ctx = np.zeros(S, np.int32)
+    ctx[:R] = starts + lens
+    return dict(positions=positions, seq_ids=seq_ids, slot_mapping=slots, block_tables=block_tables,
+                context_lens=ctx, query_start_loc=qsl)
+
+
 def prepare_inputs(chunks: list[SeqChunk], block_size: int, *, pad_tokens: int | None = None,
                    pad_seqs: int | None = None, pad_blocks: int | None = None,
                    pad_logits: int | None = None) -> tuple[dict[str, np.ndarray], list[int]]:
     """Build the step inputs. Returns (inputs, rows): `rows[i]` is how many logits rows chunk i
     owns, in order, at the front of the logits output."""
-    n_tok = sum(len(c.token_ids) for c in chunks)
+    lens = np.array([len(c.token_ids) for c in chunks], np.int32)
+    n_tok = int(lens.sum())
     T = pad_tokens or n_tok
     S = pad_seqs or len(chunks)
     B = pad_blocks or max(1, max(len(c.block_table) for c in chunks))
     assert T >= n_tok and S >= len(chunks) and B >= max(len(c.block_table) for c in chunks)
-
-    token_ids = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    seq_ids = np.zeros(T, np.int32)
-    slots = np.full(T, -1, np.int32)
-    tables = np.zeros((S, B), np.int32)
-    ctx_lens = np.zeros(S, np.int32)
-    qsl = np.full(S + 1, n_tok, np.int32)
-    logits_idx, rows = [], []
-    t = 0
+    tables = np.zeros((len(chunks), B), np.int32)
     for s, c in enumerate(chunks):
-        n = len(c.token_ids)
-        pos = np.arange(c.start_pos, c.start_pos + n, dtype=np.int32)
-        table = np.asarray(c.block_table, np.int32)
-        token_ids[t:t + n] = c.token_ids
-        positions[t:t + n] = pos
-        seq_ids[t:t + n] = s
-        slots[t:t + n] = table[pos // block_size] * block_size + pos % block_size
-        tables[s, :len(table)] = table
-        ctx_lens[s] = c.start_pos + n
-        qsl[s] = t
-        idx = list(range(t, t + n)) if c.all_logits else [t + n - 1]
+        tables[s, :len(c.block_table)] = c.block_table
+    inputs = layout(np.array([c.start_pos for c in chunks], np.int32), lens, tables, block_size, T, S)
+    token_ids = np.zeros(T, np.int32)
+    token_ids[:n_tok] = [t for c in chunks for t in c.token_ids]
+    logits_idx, rows = [], []
+    for s, c in enumerate(chunks):
+        a, b = int(inputs["query_start_loc"][s]), int(inputs["query_start_loc"][s + 1])
+        idx = list(range(a, b)) if c.all_logits else [b - 1]
         logits_idx += idx
         rows.append(len(idx))
-        t += n
     L = pad_logits or len(logits_idx)
     logits_indices = np.zeros(L, np.int32)
     logits_indices[:len(logits_idx)] = logits_idx
-    inputs = dict(token_ids=token_ids, positions=positions, seq_ids=seq_ids, slot_mapping=slots,
-                  block_tables=tables, context_lens=ctx_lens, query_start_loc=qsl, logits_indices=logits_indices)
+    inputs.update(token_ids=token_ids, logits_indices=logits_indices)
     return inputs, rows
 
 
@@ -96,47 +111,120 @@ class StepBatch:
                 s["suppress_ids"].shape[1] if "suppress_ids" in s else None)
 
 
-def build_step(plan, block_size: int, *, max_num_seqs: int, max_blocks: int, min_tokens: int = 16) -> StepBatch:
-    """Host arrays for a `SchedulerOutput`. Padding: tokens to a power of two (>= min_tokens),
-    sequences to min(tokens, max_num_seqs), blocks per sequence to a power of two (>= 16)
-    capped at max_blocks, so few shapes compile. A token whose value is still on the device
-    (the previous step's sample) is read there: `from_prev` names its row."""
-    from kiln.runtime.sampling_params import MAX_LOGPROBS, request_key
+class StepBuilder:
+    """Turns a `SchedulerOutput` into a `StepBatch`, keeping per-slot host state between steps.
 
-    chunks, seq_chunks = plan.chunks, []
-    n_tok = plan.num_tokens
-    T = bucket(n_tok, min_tokens)
-    S = min(T, max_num_seqs)
-    B = min(max_blocks, bucket(max(len(c.req.blocks.block_ids) for c in chunks), 16))
-    from_prev = np.full(T, -1, np.int32)
-    t = 0
-    for c in chunks:
-        req, end = c.req, c.start + c.num_tokens
-        known = req.all_token_ids[c.start:end]
-        if len(known) < c.num_tokens:  # the last token is the previous step's sample
-            assert c.num_tokens - len(known) == 1 and req.pending[0][0] == plan.step - 1
-            from_prev[t + c.num_tokens - 1] = req.pending[0][1]
-            known = known + [0]
-        seq_chunks.append(SeqChunk(known, c.start, req.blocks.block_ids))
-        t += c.num_tokens
-    inputs, _ = prepare_inputs(seq_chunks, block_size, pad_tokens=T, pad_seqs=S, pad_blocks=B, pad_logits=S)
+    Each running sequence holds a slot (`Request.slot`, given by the scheduler): a row of
+    persistent arrays with its block table and sampling parameters. Rows are written when a
+    sequence takes a slot (its `BlockTable` object is new there) and when its table grows;
+    a step then gathers its rows and derives every position-based input in one numpy pass.
+    Steady decode costs a few list appends per sequence, nothing per token of context.
 
-    def rows(fn, dtype, fill=0):
-        a = np.full(S, fill, dtype)
-        a[:len(chunks)] = [fn(c) for c in chunks]
-        return a
+    Padding: tokens to a power of two (>= min_tokens), sequences to min(tokens,
+    max_num_seqs), blocks per sequence to a power of two (>= 16) capped at max_blocks, so few
+    shapes compile. A token whose value is still on the device (the previous step's sample)
+    is read there: `from_prev` names its row."""
 
-    sampling = dict(temperature=rows(lambda c: c.req.params.temperature, np.float32),
-                    top_k=rows(lambda c: c.req.params.top_k, np.int32),
-                    top_p=rows(lambda c: c.req.params.top_p, np.float32, 1.0),
-                    min_p=rows(lambda c: c.req.params.min_p, np.float32))
-    keys = np.zeros((S, 2), np.uint32)
-    for i, c in enumerate(chunks):
-        keys[i] = request_key(c.req.seed, c.req.num_output_tokens - 1 if c.samples else 0)
-    sampling["keys"] = keys
+    def __init__(self, block_size: int, *, max_num_seqs: int, max_blocks: int, min_tokens: int = 16,
+                 num_slots: int | None = None):
+        self.block_size, self.max_num_seqs, self.max_blocks, self.min_tokens = (
+            block_size, max_num_seqs, max_blocks, min_tokens)
+        num_slots = num_slots or max_num_seqs
+        self.tables = np.zeros((num_slots, max_blocks), np.int32)
+        self._synced = [0] * num_slots           # block ids copied into tables[slot]
+        self.num_table_blocks = np.zeros(num_slots, np.int32)  # the same, for numpy
+        self._owner: list = [None] * num_slots  # the BlockTable object the row mirrors
+        self.temperature = np.zeros(num_slots, np.float32)
+        self.top_k = np.zeros(num_slots, np.int32)
+        self.top_p = np.ones(num_slots, np.float32)
+        self.min_p = np.zeros(num_slots, np.float32)
+        self.seed = np.zeros(num_slots, np.uint32)
+        self.greedy = np.ones(num_slots, bool)
+        self.special = np.zeros(num_slots, bool)  # penalties, min_tokens or logprobs: the slow path
+
+    def _claim(self, s: int, req) -> None:
+        p = req.params
+        self._owner[s], self._synced[s], self.num_table_blocks[s] = req.blocks, 0, 0
+        self.tables[s] = 0
+        self.temperature[s], self.top_k[s], self.top_p[s], self.min_p[s] = p.temperature, p.top_k, p.top_p, p.min_p
+        self.seed[s], self.greedy[s] = req.seed & 0xFFFFFFFF, p.greedy
+        self.special[s] = p.uses_penalties or p.min_tokens > 0 or p.logprobs is not None
+
+    def _sync(self, s: int, ids: list[int]) -> None:
+        """Copy the block ids that `tables[s]` lacks (a grown table: only the new tail)."""
+        a = self._synced[s] if len(ids) > self._synced[s] else 0
+        self.tables[s, a:len(ids)] = ids[a:]
+        self._synced[s] = self.num_table_blocks[s] = len(ids)
+
+    def build(self, plan) -> StepBatch:
+        chunks, step = plan.chunks, plan.step
+        owner, synced, tables = self._owner, self._synced, self.tables
+        slot_l, start_l, len_l, key_l, tok_l, prev_l = [], [], [], [], [], []
+        t = 0
+        for c in chunks:
+            req, n, start = c.req, c.num_tokens, c.start
+            s, ids = req.slot, req.blocks.block_ids
+            if owner[s] is not req.blocks:
+                self._claim(s, req)
+            if len(ids) != synced[s]:
+                self._sync(s, ids)
+            toks = req.all_token_ids
+            known = len(toks)
+            end = start + n
+            if end <= known:
+                tok_l.extend(toks[start:end]) if n > 1 else tok_l.append(toks[start])
+            else:  # the last token is the previous step's sample, still on the device
+                assert end - known == 1 and req.pending[0][0] == step - 1
+                tok_l.extend(toks[start:end - 1])
+                tok_l.append(0)
+                prev_l.append((t + n - 1, req.pending[0][1]))
+            slot_l.append(s)
+            start_l.append(start)
+            len_l.append(n)
+            # the sampled token's index in the output (its PRNG counter)
+            key_l.append(known + len(req.pending) - len(req.prompt_token_ids) - 1 if c.samples else 0)
+            t += n
+        R, n_tok = len(chunks), t
+        T = bucket(n_tok, self.min_tokens)
+        S = min(T, self.max_num_seqs)
+        rows = np.array(slot_l, np.intp)
+        B = min(self.max_blocks, bucket(int(self.num_table_blocks[rows].max()), 16))
+        inputs = layout(np.array(start_l, np.int32), np.array(len_l, np.int32), tables[rows, :B], self.block_size, T, S)
+        token_ids = np.zeros(T, np.int32)
+        token_ids[:n_tok] = tok_l
+        logits_indices = np.zeros(S, np.int32)
+        logits_indices[:R] = inputs["query_start_loc"][1:R + 1] - 1
+        inputs.update(token_ids=token_ids, logits_indices=logits_indices)
+        from_prev = np.full(T, -1, np.int32)
+        for i, row in prev_l:
+            from_prev[i] = row
+
+        def per_row(a, fill):
+            out = np.full(S, fill, a.dtype)
+            out[:R] = a[rows]
+            return out
+
+        keys = np.zeros((S, 2), np.uint32)
+        keys[:R, 0] = self.seed[rows]
+        keys[:R, 1] = key_l
+        sampling = dict(temperature=per_row(self.temperature, 0), top_k=per_row(self.top_k, 0),
+                        top_p=per_row(self.top_p, 1.0), min_p=per_row(self.min_p, 0), keys=keys)
+        all_greedy = bool(self.greedy[rows].all()) or bool(
+            self.greedy[rows[np.array([c.samples for c in chunks], bool)]].all())
+        num_logprobs = 0
+        if self.special[rows].any():
+            num_logprobs = _special_arrays(chunks, S, step, sampling)
+        return StepBatch(step, inputs, from_prev, sampling, all_greedy, num_logprobs, R)
+
+
+def _special_arrays(chunks, S: int, step: int, sampling: dict) -> int:
+    """The rarely used sampling inputs, built per sequence: penalties, min_tokens suppression
+    (added to `sampling`); returns how many logprobs the step must return."""
+    from kiln.runtime.sampling_params import MAX_LOGPROBS
+
     samplers = [c for c in chunks if c.samples]
     if any(c.req.params.uses_penalties for c in samplers):
-        sampling.update(_penalty_arrays(chunks, S, plan.step))
+        sampling.update(_penalty_arrays(chunks, S, step))
     suppress = [sorted(c.req.stop_ids) if c.samples and c.req.num_output_tokens - 1 < c.req.params.min_tokens else []
                 for c in chunks]
     if any(suppress):
@@ -145,9 +233,7 @@ def build_step(plan, block_size: int, *, max_num_seqs: int, max_blocks: int, min
             ids[i, :len(s)] = s
         sampling["suppress_ids"] = ids
     want = [c.req.params.logprobs for c in samplers if c.req.params.logprobs is not None]
-    num_logprobs = 0 if not want else (5 if max(want) <= 5 else MAX_LOGPROBS)
-    return StepBatch(plan.step, inputs, from_prev, sampling, all(c.req.params.greedy for c in samplers),
-                     num_logprobs, len(chunks))
+    return 0 if not want else (5 if max(want) <= 5 else MAX_LOGPROBS)
 
 
 def _penalty_arrays(chunks, S: int, step: int) -> dict[str, np.ndarray]:

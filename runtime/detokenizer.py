@@ -19,7 +19,9 @@ _CONTEXT = 5
 
 class Detokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool = True,
-                 stop: list[str] = ()):
+                 stop: list[str] = (), lazy: bool = False):
+        """lazy: nobody reads the text before the sequence ends (no streaming) and there are no
+        stop strings, so `push` only collects tokens and `flush` decodes them once."""
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids = list(prompt_ids[-_CONTEXT:])
         self.prefix = 0
@@ -29,6 +31,7 @@ class Detokenizer:
         self.stop = list(stop)
         self.stopped = False    # a stop string matched
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self.lazy = lazy and not self.stop
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -39,6 +42,8 @@ class Detokenizer:
         if self.tokenizer is None:
             return False
         self.ids.append(token)
+        if self.lazy:
+            return False
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
         if after.endswith("\ufffd") or len(after) <= len(before):
@@ -65,6 +70,11 @@ class Detokenizer:
         string's beginning) becomes text, unless a stop string already cut it."""
         self._hold = 0
         if self.tokenizer is None or self.stopped:
+            return
+        if self.lazy:  # everything since the prompt's tail, decoded once with that tail as context
+            self.text = self._decode(self.ids)[len(self._decode(self.ids[:self.read])):]
+            self.lazy = False
+            self.prefix = self.read = len(self.ids)
             return
         rest = self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
         if rest:

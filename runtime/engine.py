@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from kiln.errors import RequestError
-from kiln.runtime.batch import build_step
+from kiln.runtime.batch import StepBuilder
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.detokenizer import Detokenizer
 from kiln.runtime.outputs import CompletionOutput, EngineStats, RequestOutput
-from kiln.runtime.request import Request
+from kiln.runtime.request import FINISHED, Request
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerOutput
 
@@ -43,7 +43,10 @@ class _Group:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        for s in self.seqs:
+            if s.status != FINISHED:
+                return False
+        return True
 
 
 class Engine:
@@ -55,6 +58,8 @@ class Engine:
         self.vocab_size, self.max_model_len, self.seed, self.overlap = vocab_size, max_model_len, seed, overlap
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens)
+        self.builder = StepBuilder(runner.block_size, max_num_seqs=runner.max_num_seqs, max_blocks=runner.max_blocks,
+                                   num_slots=max_num_seqs)
         self._intake: deque = deque()
         self._groups: dict[str, _Group] = {}
         self._live: set[str] = set()
@@ -92,8 +97,8 @@ class Engine:
             seed = base if i == 0 else hash((base, i)) & 0xFFFFFFFF
             seqs.append(Request(rid, ids, params, seed, stop_ids, index=i, leader=leader, arrival=next(self._arrivals)))
             leader = leader or seqs[0]
-        detoks = [Detokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop)
-                  for _ in seqs]
+        detoks = [Detokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                              lazy=output_kind == "final") for _ in seqs]
         self._live.add(rid)
         self._intake.append(("add", _Group(rid, text, ids, seqs, detoks, output_kind, [0] * params.n)))
         return rid
@@ -131,9 +136,7 @@ class Engine:
         plan = self.scheduler.schedule()
         handle = None
         if plan.chunks:
-            batch = build_step(plan, self.runner.block_size, max_num_seqs=self.runner.max_num_seqs,
-                               max_blocks=self.runner.max_blocks)
-            handle = (plan, self.runner.execute(batch))
+            handle = (plan, self.runner.execute(self.builder.build(plan)))
         if self._inflight is not None:
             self._process(*self._inflight, touched)
         self._inflight = handle
@@ -154,40 +157,53 @@ class Engine:
                 if g is not None:
                     for s, d in zip(g.seqs, g.detoks):
                         if not s.finished:
-                            d.flush()
-                            self.scheduler.finish(s, "abort")
+                            self._finish(s, "abort", d)
                     touched[g.request_id] = g
 
     def _process(self, plan: SchedulerOutput, handle, touched: dict) -> None:
+        """Resolve a finished step's samples into their requests (the hot loop of every step:
+        per sequence a few list operations; text only where it is streamed or searched)."""
         res = self.runner.read(handle)
-        for row, c in enumerate(plan.chunks):
+        chunks, step, groups = plan.chunks, plan.step, self._groups
+        tokens = res["tokens"][:len(chunks)].tolist()
+        for row, c in enumerate(chunks):
             req = c.req
-            if not c.samples or req.finished or not req.pending or req.pending[0] != (plan.step, row):
+            pend = req.pending
+            # a finished sequence has no placeholders; a stale one (preempted) is not this row's
+            if not c.samples or not pend or pend[0] != (step, row):
                 continue
-            tok = int(res["tokens"][row])
-            req.resolve(tok)
-            if req.params.logprobs is not None:
-                lp = {int(i): float(v) for i, v in
-                      zip(res["top_ids"][row][:req.params.logprobs], res["top_logprobs"][row][:req.params.logprobs])}
-                lp[tok] = float(res["logprob"][row])
-                req.logprobs.append(lp)
-            g = self._groups[req.request_id]
-            self._check_finish(req, tok, g.detoks[req.index])
-            touched[g.request_id] = g
+            tok = tokens[row]
+            pend.popleft()
+            req.all_token_ids.append(tok)
+            p = req.params
+            if p.logprobs is not None:
+                self._add_logprobs(req, res, row, tok)
+            g = groups[req.request_id]
+            det = g.detoks[req.index]
+            n_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+            reason = None
+            if tok in req.stop_ids and n_out > p.min_tokens:
+                reason = "stop"
+            elif det.tokenizer is not None and det.push(tok, check_stop=n_out > p.min_tokens):
+                reason = "stop"
+            elif n_out >= p.max_tokens:
+                reason = "length"
+            if reason is not None:
+                self._finish(req, reason, det)
+                touched[g.request_id] = g
+            elif g.kind != "final":
+                touched[g.request_id] = g
 
-    def _check_finish(self, req: Request, tok: int, det: Detokenizer) -> None:
-        n_out, p = len(req.output_token_ids), req.params
-        past_min = n_out > p.min_tokens
-        reason = None
-        if tok in req.stop_ids and past_min:
-            reason = "stop"
-        elif det.push(tok, check_stop=past_min):
-            reason = "stop"
-        elif n_out >= p.max_tokens:
-            reason = "length"
-        if reason is not None:
-            det.flush()
-            self.scheduler.finish(req, reason)
+    @staticmethod
+    def _add_logprobs(req: Request, res: dict, row: int, tok: int) -> None:
+        k = req.params.logprobs
+        lp = {int(i): float(v) for i, v in zip(res["top_ids"][row][:k], res["top_logprobs"][row][:k])}
+        lp[tok] = float(res["logprob"][row])
+        req.logprobs.append(lp)
+
+    def _finish(self, req: Request, reason: str, det: Detokenizer) -> None:
+        det.flush()
+        self.scheduler.finish(req, reason)
 
     def _output(self, g: _Group) -> RequestOutput | None:
         done = g.finished
@@ -198,14 +214,16 @@ class Engine:
         if g.kind == "final" and not done:
             return None
         outs = []
-        for i, (s, d) in enumerate(zip(g.seqs, g.detoks)):
-            toks = s.output_token_ids
-            if g.kind == "delta":
+        delta = g.kind == "delta"
+        for i, s in enumerate(g.seqs):
+            d = g.detoks[i]
+            if delta:  # only what is new: no copy of the whole output per step
                 a = g.sent_tokens[i]
-                g.sent_tokens[i] = len(toks)
-                text, toks, lps = d.delta(), toks[a:], s.logprobs[a:]
+                toks = s.output_tail(a)
+                g.sent_tokens[i] = a + len(toks)
+                text, lps = d.delta() if d.tokenizer is not None else "", s.logprobs[a:]
             else:
-                text, lps = d.text, s.logprobs
+                text, toks, lps = d.text, s.output_token_ids, s.logprobs
             outs.append(CompletionOutput(i, text, toks, s.finish_reason,
                                          lps if s.params.logprobs is not None else None))
         return RequestOutput(g.request_id, g.prompt, g.prompt_ids, outs, done, g.seqs[0].num_cached_tokens)

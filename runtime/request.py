@@ -41,6 +41,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0      # prompt tokens found in the prefix cache at admission
     blocks: BlockTable = field(default_factory=BlockTable)
+    slot: int = -1                  # while running: its row in the step builder's persistent arrays
     all_token_ids: list[int] = field(default_factory=list)   # prompt + resolved output
     pending: deque = field(default_factory=deque)             # (step, row) of each placeholder
     logprobs: list = field(default_factory=list)              # per output token: {token: logprob}
@@ -54,7 +55,12 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
+        """A copy (O(length)): hot paths use `num_output_tokens` or `output_tail`."""
         return self.all_token_ids[len(self.prompt_token_ids):]
+
+    def output_tail(self, start: int) -> list[int]:
+        """Resolved output tokens from index `start` on."""
+        return self.all_token_ids[len(self.prompt_token_ids) + start:]
 
     @property
     def num_output_tokens(self) -> int:
@@ -72,9 +78,8 @@ class Request:
     def target_tokens(self) -> int:
         """How many tokens must end up in the cache for this sequence to make progress: all of
         them while it may still sample, all but the last once max_tokens are out."""
-        if self.num_output_tokens >= self.params.max_tokens:
-            return self.num_tokens - 1
-        return self.num_tokens
+        n = len(self.all_token_ids) + len(self.pending)
+        return n - 1 if n - len(self.prompt_token_ids) >= self.params.max_tokens else n
 
     def add_placeholder(self, step: int, row: int) -> None:
         self.pending.append((step, row))

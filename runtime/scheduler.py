@@ -21,7 +21,7 @@ from kiln.runtime.block_manager import BlockManager, BlockTable
 from kiln.runtime.request import FINISHED, RUNNING, WAITING, Request
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     req: Request
     start: int          # first token computed (= tokens already in the cache)
@@ -34,10 +34,7 @@ class SchedulerOutput:
     step: int
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+    num_tokens: int = 0     # over all chunks
 
 
 class Scheduler:
@@ -49,6 +46,7 @@ class Scheduler:
         self.step_count = 0
         self.num_preemptions = 0
         self.scheduled_tokens = 0
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))  # rows of the step builder
 
     def add(self, req: Request) -> None:
         req.status = WAITING
@@ -62,23 +60,20 @@ class Scheduler:
         self.step_count += 1
         budget = self.max_num_tokens
         done: set[int] = set()
-        for req in sorted(self.running, key=lambda r: r.target_tokens() - r.num_computed_tokens > 1):
+        prefills = []
+        for req in list(self.running):  # decodes first, in order (the whole loop of a steady decode step)
             if req.status != RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.target_tokens() - req.num_computed_tokens, budget)
-            if n <= 0:
-                continue
-            while not self.blocks.allocate(req.blocks, req.num_computed_tokens + n):
-                victims = [r for r in self.running if id(r) not in done]
-                victim = max(victims, key=lambda r: r.arrival)
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            else:
-                budget -= n
-                done.add(id(req))
-                self._add_chunk(out, req, n)
+            n = req.target_tokens() - req.num_computed_tokens
+            if n > 1:
+                prefills.append(req)
+            elif n == 1 and budget > 0 and self._run(req, 1, out, done):
+                budget -= 1
+        for req in prefills:
+            if req.status == RUNNING:
+                n = min(req.target_tokens() - req.num_computed_tokens, budget)
+                if n > 0 and self._run(req, n, out, done):
+                    budget -= n
         while (self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
             if req.pending:  # its last token is still on the device: admit it next step
@@ -102,6 +97,7 @@ class Scheduler:
                     req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            req.slot = self._free_slots.pop()
             req.num_cached_tokens = len(cached) * self.blocks.block_size
             req.num_computed_tokens = start
             req.status = RUNNING
@@ -111,23 +107,46 @@ class Scheduler:
         self.scheduled_tokens += out.num_tokens
         return out
 
+    def _run(self, req: Request, n: int, out: SchedulerOutput, done: set) -> bool:
+        """Schedule `n` more tokens of running `req`, first allocating their blocks (most steps
+        fit in the blocks already held), preempting the newest running sequences until they
+        fit. False when `req` itself had to go."""
+        if req.num_computed_tokens + n > len(req.blocks.block_ids) * self.blocks.block_size:
+            while not self.blocks.allocate(req.blocks, req.num_computed_tokens + n):
+                victim = max((r for r in self.running if id(r) not in done), key=lambda r: r.arrival)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    return False
+        done.add(id(req))
+        self._add_chunk(out, req, n)
+        return True
+
     def _add_chunk(self, out: SchedulerOutput, req: Request, n: int) -> None:
-        start = req.num_computed_tokens
-        samples = start + n == req.num_tokens
+        start, end, known = req.num_computed_tokens, req.num_computed_tokens + n, len(req.all_token_ids)
+        samples = end == known + len(req.pending)
         out.chunks.append(Chunk(req, start, n, samples))
-        req.num_computed_tokens += n
-        self.blocks.commit(req.blocks, req.all_token_ids, min(req.num_computed_tokens, len(req.all_token_ids)))
+        out.num_tokens += n
+        req.num_computed_tokens = end
+        table = req.blocks
+        if (table.num_hashed + 1) * self.blocks.block_size <= end:  # a block filled up: register it
+            self.blocks.commit(table, req.all_token_ids, min(end, known))
         if samples:
-            req.add_placeholder(out.step, len(out.chunks) - 1)
+            req.pending.append((out.step, len(out.chunks) - 1))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._release_slot(req)
         self.blocks.free_table(req.blocks)
         req.blocks = BlockTable()
         req.num_computed_tokens = 0
         req.status = WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
+
+    def _release_slot(self, req: Request) -> None:
+        self._free_slots.append(req.slot)
+        req.slot = -1
 
     def finish(self, req: Request, reason: str) -> None:
         """Remove `req` wherever it is and free its blocks (placeholders still on the device
@@ -136,6 +155,7 @@ class Scheduler:
             return
         if req.status == RUNNING:
             self.running.remove(req)
+            self._release_slot(req)
         else:
             self.waiting.remove(req)
         self.blocks.free_table(req.blocks)
