@@ -3,8 +3,9 @@
     kiln generate [MODEL] --prompt TEXT [--max-tokens N] [--temperature T] [--chat]
     kiln chat [MODEL] [--prompt TEXT]            (no prompt: one question per line on stdin)
     kiln eval [MODEL] --text FILE [--dtype D] [--quant Q] [--window N] [--stride N]
-    kiln graph MODEL [--format text|json]
+    kiln graph MODEL [--format text|json] [--passes | --no-passes] [--quant fp8|int8_wo|int4_wo] [--print-after-all]
     kiln serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    kiln build [MODEL | --random-weights PRESET] -o ENGINE_DIR [--dtype] [--quant] [--tp] [--pp] ...
     kiln bench [MODEL | --random-weights PRESET] [--mode throughput|latency|serving] [--isl N] [--osl N]
 
 Every error Kiln raises on purpose (`KilnError`) prints one line and exits with code 2.
@@ -95,13 +96,39 @@ def add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from free memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--attention", default="reference", help="attention implementation")
+    p.add_argument("--attention", default="auto", choices=["auto", "reference", "pallas"],
+                   help="attention implementation (auto: the Pallas kernel on the GPU)")
+    p.add_argument("--quant", default=None, choices=["fp8", "int8_wo", "int4_wo"], help="weight quantization")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"])
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
 
 
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens,
                 max_model_len=args.max_model_len, kv_block_size=args.kv_block_size, num_kv_blocks=args.num_kv_blocks,
-                gpu_memory_utilization=args.gpu_memory_utilization, attention=args.attention)
+                gpu_memory_utilization=args.gpu_memory_utilization, attention=args.attention,
+                quantization=args.quant, kv_cache_dtype=args.kv_cache_dtype, tp=args.tp, pp=args.pp)
+
+
+def _cmd_build(args) -> int:
+    from kiln.runtime.build import build
+    from kiln.runtime.engine_dir import BuildConfig
+
+    if not args.model and not args.random_weights:
+        args.model = None  # the default model
+    model = f"random:{args.random_weights}" if args.random_weights else args.model
+    kw = engine_kwargs(args)
+    bc = BuildConfig(dtype=kw["dtype"], quantization=kw["quantization"], kv_cache_dtype=kw["kv_cache_dtype"] or "auto",
+                     tp=args.tp, pp=args.pp, max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens,
+                     max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
+                     num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                     attention=args.attention)
+    import shlex
+
+    build(model, args.output, bc, log=lambda m: print(m, file=sys.stderr, flush=True),
+          command="kiln " + shlex.join(args.argv))
+    return 0
 
 
 def _cmd_serve(args) -> int:
@@ -142,6 +169,13 @@ def _cmd_graph(args) -> int:
     from kiln.models.registry import build_graph
 
     graph = build_graph(open_config(args.model), None if args.dtype == "auto" else args.dtype)
+    if args.passes or args.print_after_all or args.quant or args.kv_cache_dtype:  # the pass pipeline, graph only
+        from kiln.passes.pipeline import PipelineOptions, run_pipeline
+
+        opts = PipelineOptions(fuse=args.passes is not False, quantization=args.quant, kv_cache_dtype=args.kv_cache_dtype)
+        graph, _ = run_pipeline(graph, None, opts, print_after_all=args.print_after_all)
+        if args.print_after_all:
+            return 0
     if getattr(args, "tp", 1) > 1 or getattr(args, "pp", 1) > 1:  # the placement on a (pp, tp) mesh
         from kiln.passes.sharding import placement_plan
 
@@ -202,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(sv)
     sv.set_defaults(func=_cmd_serve)
 
+    bd = sub.add_parser("build", help="compile a model into an engine directory (passes, weights, compiled steps)")
+    bd.add_argument("model", nargs="?", default=None, help="checkpoint directory or .gguf file (default: SmolLM2)")
+    bd.add_argument("-o", "--output", required=True, help="the engine directory to write")
+    bd.add_argument("--random-weights", metavar="PRESET", default=None,
+                    help="a checkpoint-free engine of a preset shape (llama-3-8b, llama-3-70b, qwen2.5-7b, ...)")
+    add_engine_args(bd)
+    bd.set_defaults(func=_cmd_build)
+
     bn = sub.add_parser("bench", help="benchmark throughput, latency or serving")
     bn.add_argument("model", nargs="?", default=None, help="checkpoint, GGUF file or engine directory")
     bn.add_argument("--random-weights", metavar="PRESET", default=None,
@@ -225,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(gr)
     gr.add_argument("--format", default="text", choices=["text", "json"])
     gr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gr.add_argument("--passes", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the default pass pipeline (fusion) before printing; --no-passes: the graph as defined")
+    gr.add_argument("--quant", default=None, choices=["fp8", "int8_wo", "int4_wo"], help="... with this quantization")
+    gr.add_argument("--kv-cache-dtype", default=None, choices=["fp8"], help="... with this KV cache dtype")
+    gr.add_argument("--print-after-all", action="store_true", help="print the graph after every pass")
     gr.add_argument("--tp", type=int, default=1, help="print each weight's placement with tensor parallel N")
     gr.add_argument("--pp", type=int, default=1, help="... and pipeline parallel M (layers per stage)")
     gr.set_defaults(func=_cmd_graph)
@@ -233,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except KilnError as e:

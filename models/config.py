@@ -58,6 +58,17 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_json(self) -> dict:
+        """Every field, JSON-able (engine.json keeps it; `from_json` rebuilds it exactly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["sliding_windows"] = tuple(d.get("sliding_windows") or ())
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        return cls(**d)
+
     @classmethod
     def from_hf(cls, path: str | Path) -> "ModelConfig":
         """Read `path/config.json` (and `generation_config.json` for EOS ids when present)."""
@@ -230,7 +241,7 @@ class ModelConfig:
 
 
 # GGUF `general.architecture` -> the Kiln architecture that runs it (families add theirs here).
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # GGUF `general.file_type` -> the build dtype "auto" picks: half-precision files stay in their
 # dtype, fp32 and block-quantized files are dequantized to fp32 (what transformers does).
 GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}

@@ -344,9 +344,10 @@ def build_pipeline(graph: Graph, params: dict | None, mesh: Mesh, rules: Shardin
     rep = NamedSharding(mesh, P())
     kv_sh = layout.kv_sharding()
     kv_shardings = [{"k": kv_sh, "v": kv_sh} for _ in layout.kv_stacked]
-    step = jax.jit(layout.step_fn(attention, M), in_shardings=(shardings, kv_shardings, rep),
-                   out_shardings=(rep, kv_shardings), donate_argnums=(1,))
-    model = ShardedModel(graph, mesh, rules, mesh.shape["tp"], pp, {}, shardings, kv_sh, step, layout)
+    raw = layout.step_fn(attention, M)
+    step = jax.jit(raw, in_shardings=(shardings, kv_shardings, rep), out_shardings=(rep, kv_shardings),
+                   donate_argnums=(1,))
+    model = ShardedModel(graph, mesh, rules, mesh.shape["tp"], pp, {}, shardings, kv_sh, step, layout, raw_step=raw)
     if params is not None:
         model.params = model.place(params)
     return model

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +48,9 @@ class BuildConfig:
     max_num_tokens: int = 2048
     max_model_len: int | None = None
     kv_block_size: int = 16
-    random_weights: bool = False
-    seed: int = 0
+    num_kv_blocks: int | None = None       # the KV pool (fixed at build: it is part of the compiled shapes)
+    gpu_memory_utilization: float = 0.9    # sizes the pool when num_kv_blocks is None
+    attention: str = "auto"
     passes: list[str] = field(default_factory=list)  # filled by the build: the passes that ran
 
     def to_json(self) -> dict:
@@ -217,7 +217,11 @@ def use_compile_cache(directory: str | os.PathLike):
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:  # the cache is set up once per process, at the first compile: start it over here
+        from jax._src import compilation_cache
 
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):  # a jax without it starts the cache lazily anyway
+        pass
+    jax.clear_caches()  # what this process compiled before now must go through the new cache too
 
-def command_line() -> str:
-    return " ".join(["kiln"] + sys.argv[1:]) if Path(sys.argv[0]).name == "kiln" else " ".join(sys.argv)

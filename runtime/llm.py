@@ -16,12 +16,15 @@ graph and its weights, and a sharding plan places them, before the runner takes 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from kiln.errors import ConfigError, RequestError
-from kiln.models.config import DTYPE_NAMES
+from kiln.models.config import DTYPE_NAMES, ModelConfig
 from kiln.models.loader import open_checkpoint
 from kiln.models.registry import build_graph
+from kiln.passes import PipelineOptions, build_passes, run_pipeline
+from kiln.runtime.engine_dir import is_engine_dir
 from kiln.runtime.engine import Engine
 from kiln.runtime.outputs import EngineStats, RequestOutput
 from kiln.runtime.runner import Runner
@@ -48,28 +51,40 @@ class LLM:
     token bucket at start-up instead of on first use.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", max_num_seqs: int = 64,
-                 max_num_tokens: int = 1024, max_model_len: int | None = None, kv_block_size: int = 16,
-                 gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, attention: str = "reference",
-                 overlap: bool = True, warmup: bool = False, mesh=None, log=...):
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", quantization: str | None = None,
+                 kv_cache_dtype: str | None = None, fuse: bool = True, tp: int = 1, pp: int = 1,
+                 max_num_seqs: int = 64, max_num_tokens: int = 1024, max_model_len: int | None = None,
+                 kv_block_size: int = 16, gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0, attention: str = "auto",
+                 overlap: bool = True, warmup: bool = False, log=...):
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_tokens", max_num_tokens),
-                        ("kv_block_size", kv_block_size)):
+                        ("kv_block_size", kv_block_size), ("tp", tp), ("pp", pp)):
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
-        ckpt = open_checkpoint(model)
-        self.config = cfg = ckpt.config
-        self.dtype = resolve_dtype(dtype, cfg.dtype)
-        self.tokenizer = ckpt.load_tokenizer()
-        self.graph, self.params = self._prepare_model(ckpt, mesh)
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         kw = {} if log is ... else {"log": log}
+        if is_engine_dir(model):  # a built engine: no passes, no recompiles; its build options hold
+            bc = self._load_engine(model, attention)
+            tp, pp, kv_block_size, num_kv_blocks = bc.tp, bc.pp, bc.kv_block_size, bc.num_kv_blocks
+            max_model_len, max_num_seqs, max_num_tokens = bc.max_model_len, bc.max_num_seqs, bc.max_num_tokens
+        else:
+            ckpt = open_checkpoint(model)
+            self.config = ckpt.config
+            self.dtype = resolve_dtype(dtype, ckpt.config.dtype)
+            self.tokenizer = ckpt.load_tokenizer()
+            self._prepare_model(ckpt, PipelineOptions(fuse=fuse, quantization=quantization,
+                                                      kv_cache_dtype=kv_cache_dtype), tp, pp, attention)
+        cfg = self.config
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        sharded = self.sharded
         self.runner = Runner(self.graph, self.params, dtype=self.dtype, block_size=kv_block_size,
                              max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
                              max_model_len=self.max_model_len, num_kv_blocks=num_kv_blocks,
-                             gpu_memory_utilization=gpu_memory_utilization, attention=attention, mesh=mesh, **kw)
+                             gpu_memory_utilization=gpu_memory_utilization, attention=attention,
+                             step_fn=sharded.raw_step if sharded else None,
+                             allocate_kv=sharded.allocate_kv_cache if sharded else None,
+                             kv_shards=tp * pp, **kw)
         if warmup:
             self.runner.warmup()
         self.engine = Engine(self.runner, tokenizer=self.tokenizer, eos_token_ids=cfg.eos_token_ids,
@@ -77,11 +92,53 @@ class LLM:
                              max_num_tokens=max_num_tokens, enable_prefix_caching=enable_prefix_caching, seed=seed,
                              overlap=overlap)
 
-    def _prepare_model(self, ckpt, mesh):
-        """Graph and placed params. Seam: a pass pipeline (graph -> graph with matching
-        weight transforms) and sharded placement over `mesh` plug in here."""
+    def _prepare_model(self, ckpt, options: PipelineOptions, tp: int, pp: int, attention: str) -> None:
+        """Graph and placed params: load, run the pass pipeline (fusion, quantization: the
+        weight transforms run once, here), then place on a (pp, tp) mesh when tp * pp > 1.
+        On one device the weights stream straight to it; sharded, they pass through the host
+        once and go to their shards."""
         graph = build_graph(ckpt.config, self.dtype)
-        return graph, ckpt.load_params(graph)
+        sharded = tp * pp > 1
+        params = ckpt.load_params(graph, put=(lambda name, a: a) if sharded else None)
+        self.passes_run = [p.name for p in build_passes(options)]
+        self.graph, self.params = run_pipeline(graph, params, options)
+        self.sharded = None
+        if sharded:
+            from kiln.passes.sharding import shard_model
+
+            self.sharded = shard_model(self.graph, tp=tp, pp=pp, attention=attention)
+            self.params = self.sharded.place(self.params)
+
+    def _load_engine(self, path, attention: str):
+        """Restore a `kiln build` engine directory; its compiled steps come from its cache."""
+        from kiln.graph import load as load_graph
+        from kiln.runtime.engine_dir import BuildConfig, read_manifest, restore_weights, use_compile_cache
+
+        manifest = read_manifest(path)
+        use_compile_cache(Path(path) / "compiled")
+        bc = BuildConfig.from_json(manifest["build"])
+        self.config = ModelConfig.from_json(manifest["model_config"])
+        self.graph = load_graph(Path(path) / "graph.json")
+        self.dtype = resolve_dtype(bc.dtype, self.config.dtype)
+        self.passes_run = bc.passes
+        self.sharded = None
+        shardings = None
+        if bc.tp * bc.pp > 1:
+            from kiln.passes.sharding import shard_model
+
+            self.sharded = shard_model(self.graph, tp=bc.tp, pp=bc.pp, attention=attention)
+            shardings = self.sharded.param_shardings if bc.pp == 1 else None
+        self.params = restore_weights(path, manifest, shardings)
+        if self.sharded is not None and bc.pp > 1:
+            self.params = self.sharded.place(self.params)
+        tok = Path(path) / "tokenizer"
+        if tok.exists():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tok)
+        else:
+            self.tokenizer = None
+        return bc
 
     # -- generation
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

@@ -9,7 +9,7 @@ N+1 on the device (`from_prev`), never through the host. `read` copies a step's 
 back (started early with `copy_to_host_async`) and blocks only on that step.
 
 Params arrive already placed (a pass pipeline or a sharding plan may have transformed and
-sharded them); `mesh`, when given, is where the KV cache is laid out too.
+sharded them); a sharding plan passes its own step function and KV-pool allocator.
 """
 
 from __future__ import annotations
@@ -41,17 +41,22 @@ def _log_stderr(msg: str) -> None:
 class Runner:
     def __init__(self, graph: Graph, params: dict, *, dtype: str, block_size: int, max_num_seqs: int,
                  max_num_tokens: int, max_model_len: int, num_kv_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.9, attention: str = "reference", mesh=None, log=_log_stderr):
+                 gpu_memory_utilization: float = 0.9, attention: str = "auto", step_fn=None, allocate_kv=None,
+                 kv_shards: int = 1, log=_log_stderr):
         self.graph, self.params, self.dtype = graph, params, dtype
         self.block_size, self.max_num_seqs, self.max_num_tokens = block_size, max_num_seqs, max_num_tokens
         self.max_blocks = -(-max_model_len // block_size)
-        self.mesh, self.log = mesh, log or (lambda msg: None)
-        self._step = lower(graph, attention=attention)
+        self.log = log or (lambda msg: None)
+        # a sharding plan (passes/sharding.py) brings its own step and its own sharded pools;
+        # each device then holds 1/kv_shards of every KV block
+        self._step = step_fn or lower(graph, attention=attention)
+        self._allocate_kv = allocate_kv or (lambda n, bs, dt: allocate_kv_cache(graph, n, bs, dt))
+        self.kv_shards = kv_shards
         self._fn = jax.jit(self._fused, donate_argnums=(1,), static_argnames=("all_greedy", "num_logprobs"))
         self._compiled: set = set()
         self.compile_seconds = 0.0
         self.num_blocks = num_kv_blocks or self._blocks_from_memory(gpu_memory_utilization)
-        self.kv = allocate_kv_cache(graph, self.num_blocks, block_size, dtype)
+        self.kv = self._allocate_kv(self.num_blocks, block_size, dtype)
         self._prev_tokens = jnp.zeros(max_num_seqs, jnp.int32)
         self._prev_step = -1
 
@@ -60,7 +65,7 @@ class Runner:
         """vLLM's rule: the KV pool takes what is left of `utilization` x device memory after
         the weights and the largest step's activations. Without memory statistics (CPU),
         enough blocks for max_num_seqs full-length sequences."""
-        per_block = kv_cache_bytes_per_block(self.graph, self.block_size, self.dtype)
+        per_block = kv_cache_bytes_per_block(self.graph, self.block_size, self.dtype) // self.kv_shards
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:
             return self.max_num_seqs * self.max_blocks + 1

@@ -1,0 +1,66 @@
+"""`kiln build`: checkpoint -> engine directory, stage by stage.
+
+    load config ─► build graph ─► load weights ─► passes ─► save graph, weights, tokenizer
+                ─► compile every shape bucket into the engine's compilation cache ─► commit
+
+Each stage reports its time. The KV pool size is fixed here (it is part of the compiled
+shapes): from `num_kv_blocks`, or from `gpu_memory_utilization` of this device's memory.
+Peak host memory is one tensor: weights stream from the checkpoint to the device one at a
+time, the passes transform them on the device, and orbax writes them from there.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from kiln.runtime.engine_dir import BuildConfig, EngineWriter, use_compile_cache
+
+
+class _Stages:
+    def __init__(self, log):
+        self.log, self.times = log, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.log(f"[build] {name} ...")
+        t = time.perf_counter()
+        yield
+        self.times[name] = dt = time.perf_counter() - t
+        self.log(f"[build] {name}: {dt:.1f} s")
+
+
+def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print, command: str | None = None) -> Path:
+    """Build `model` (a checkpoint, a .gguf, None for the default, or `random:PRESET`) into
+    `out_dir` with the options of `bc`. Returns the engine directory."""
+    stage = _Stages(log)
+    t0 = time.perf_counter()
+    writer = EngineWriter(out_dir)
+    try:
+        use_compile_cache(writer.compile_cache_dir)  # every compile below lands in the engine,
+        from kiln.runtime.llm import LLM              # the small ones made at import time too
+
+        with stage("load and transform the model"):
+            llm = LLM(model, dtype=bc.dtype, quantization=bc.quantization, kv_cache_dtype=bc.kv_cache_dtype,
+                      tp=bc.tp, pp=bc.pp, max_num_seqs=bc.max_num_seqs, max_num_tokens=bc.max_num_tokens,
+                      max_model_len=bc.max_model_len, kv_block_size=bc.kv_block_size,
+                      num_kv_blocks=bc.num_kv_blocks, gpu_memory_utilization=bc.gpu_memory_utilization,
+                      attention=bc.attention, log=log)
+        bc.passes = list(llm.passes_run)
+        bc.num_kv_blocks = llm.runner.num_blocks
+        bc.max_model_len = llm.max_model_len
+        with stage("save graph, weights and tokenizer"):
+            writer.save_graph(llm.graph)
+            writer.save_weights(llm.params)
+            writer.save_tokenizer(llm.tokenizer)
+        with stage("compile every shape bucket"):
+            llm.runner.warmup()
+        writer.write_manifest(config=llm.config.to_json(), build=bc, params=llm.params,
+                              mesh_shape={"tp": bc.tp, "pp": bc.pp}, command=command or f"kiln build {model or ''} -o {out_dir}")
+        path = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    log(f"[build] engine written to {path} in {time.perf_counter() - t0:.1f} s")
+    return path

@@ -1,0 +1,130 @@
+"""`kiln build`: engine directories that load without passes or recompiles, and refuse to
+load when anything about them is off."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kiln import LLM, SamplingParams
+from kiln.cli import main
+from kiln.errors import KilnError
+from kiln.runtime.engine_dir import EngineError
+from tests.helpers import make_hf_checkpoint
+
+PROMPTS = [[5, 17, 42, 99, 3], [250, 11, 7]]
+SP = SamplingParams(max_tokens=10, temperature=0)
+ENGINE_ARGS = ["--dtype", "float32", "--num-kv-blocks", "48", "--max-num-seqs", "4", "--max-num-tokens", "32",
+               "--max-model-len", "128", "--attention", "reference"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("build_src")
+    make_hf_checkpoint("qwen2", ckpt)
+    engine = tmp_path_factory.mktemp("engines") / "qwen2-engine"
+    assert main(["build", str(ckpt), "-o", str(engine)] + ENGINE_ARGS) == 0
+    return ckpt, engine
+
+
+def _tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP, use_tqdm=False)]
+
+
+def test_engine_dir_layout_and_same_outputs(built):
+    ckpt, engine = built
+    assert {p.name for p in engine.iterdir()} >= {"engine.json", "graph.json", "weights", "tokenizer", "compiled"}
+    m = json.loads((engine / "engine.json").read_text())
+    assert m["build"]["passes"] and m["environment"]["jax"] and m["mesh"] == {"tp": 1, "pp": 1}
+    assert any((engine / "compiled").iterdir())
+    ref = LLM(str(ckpt), dtype="float32", num_kv_blocks=48, max_num_seqs=4, max_num_tokens=32, max_model_len=128,
+              attention="reference")
+    eng = LLM(str(engine))
+    assert eng.passes_run == ref.passes_run and eng.runner.num_blocks == 48
+    assert _tokens(eng) == _tokens(ref)
+    assert eng.tokenizer.encode("the quick brown fox") == ref.tokenizer.encode("the quick brown fox")
+
+
+_COUNT = """
+import sys, jax
+from jax import monitoring
+misses = []
+monitoring.register_event_listener(lambda name, **kw: misses.append(name) if name == "/jax/compilation_cache/cache_misses" else None)
+from kiln import LLM, SamplingParams
+llm = LLM(sys.argv[1])
+out = llm.generate(%r, SamplingParams(max_tokens=10, temperature=0), use_tqdm=False)
+print("MISSES", len(misses), [o.outputs[0].token_ids for o in out])
+""" % (PROMPTS,)
+
+
+def test_fresh_process_compiles_nothing(built):
+    _, engine = built
+    r = subprocess.run([sys.executable, "-c", _COUNT, str(engine)], capture_output=True, text=True, timeout=600)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("MISSES")]
+    assert line, r.stderr[-2000:]
+    assert line[0].startswith("MISSES 0 "), line[0]
+
+
+def _cli_error(capsys, engine):
+    code = main(["generate", str(engine), "--prompt", "hi", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    return err
+
+
+def _copy(built, tmp_path):
+    import shutil
+
+    dst = tmp_path / "engine"
+    shutil.copytree(built[1], dst)
+    return dst
+
+
+def test_missing_and_edited_manifest(built, tmp_path, capsys):
+    engine = _copy(built, tmp_path)
+    m = json.loads((engine / "engine.json").read_text())
+    m["model_config"]["hidden_size"] = 128
+    (engine / "engine.json").write_text(json.dumps(m))
+    assert "edited after the build" in _cli_error(capsys, engine)
+    (engine / "engine.json").unlink()
+    assert "engine.json" in _cli_error(capsys, engine) or "config.json" in _cli_error(capsys, engine)
+
+
+def test_version_mismatch_names_what_differs(built, tmp_path, capsys):
+    from kiln.runtime.engine_dir import _checksum
+
+    engine = _copy(built, tmp_path)
+    m = json.loads((engine / "engine.json").read_text())
+    m["environment"]["jax"] = "0.0.1"
+    m["checksum"] = _checksum(m)
+    (engine / "engine.json").write_text(json.dumps(m))
+    err = _cli_error(capsys, engine)
+    assert "jax '0.0.1'" in err and "rebuild with: kiln build" in err
+
+
+def test_truncated_weights(built, tmp_path, capsys):
+    engine = _copy(built, tmp_path)
+    files = sorted((p for p in (engine / "weights").rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    big = files[0]
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 3])
+    assert "weights" in _cli_error(capsys, engine)
+    with pytest.raises(KilnError):
+        LLM(str(engine))
+
+
+def test_killed_build_leaves_nothing_that_loads(tmp_path, monkeypatch, built):
+    from kiln.runtime import engine_dir
+
+    def boom(self, tokenizer):
+        raise KeyboardInterrupt  # as if killed half way
+
+    monkeypatch.setattr(engine_dir.EngineWriter, "save_tokenizer", boom)
+    out = tmp_path / "half"
+    with pytest.raises(KeyboardInterrupt):
+        main(["build", str(built[0]), "-o", str(out)] + ENGINE_ARGS)
+    assert not out.exists() and not list(tmp_path.glob(".half.partial*"))
+    with pytest.raises(EngineError):
+        from kiln.runtime.engine_dir import read_manifest
+
+        read_manifest(out)
