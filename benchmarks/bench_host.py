@@ -11,6 +11,7 @@ first; then K decode steps are timed, per phase and in total.
 
     python3 benchmarks/bench_host.py                 # 64 and 256 sequences, both output kinds
     python3 benchmarks/bench_host.py --seqs 256 --profile    # plus the cProfile top entries
+    python3 benchmarks/bench_host.py --workload 1024 128 128 # plus a whole throughput run
 """
 
 from __future__ import annotations
@@ -117,12 +118,32 @@ def measure(seqs: int, steps: int, kind: str, prompt: int = 128, profile: bool =
     return res
 
 
+def workload(num_requests: int, isl: int, osl: int, seqs: int = 256, max_num_tokens: int = 2048) -> dict:
+    """A whole `kiln bench` throughput run (all requests at once, delta outputs) with the null
+    runner: host seconds per output token, and how much padding the token buckets add."""
+    eng, runner = make_engine(seqs, isl, osl)
+    eng.scheduler.max_num_tokens = max_num_tokens
+    rng = np.random.default_rng(2)
+    for _ in range(num_requests):
+        eng.add_request([int(t) for t in rng.integers(100, VOCAB, isl)],
+                        SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True), output_kind="delta")
+    t0 = time.process_time()
+    while eng.has_unfinished():
+        eng.step()
+    cpu = time.process_time() - t0
+    return {"workload": f"{num_requests} x {isl}/{osl}", "steps": runner.num_steps, "host_s": cpu,
+            "host_ms_per_step": cpu / runner.num_steps * 1e3, "host_output_tok_per_s": num_requests * osl / cpu,
+            "padded_over_real_tokens": runner.padded_tokens / runner.real_tokens}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, nargs="*", default=[64, 256])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--kinds", nargs="*", default=["final", "delta"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workload", type=int, nargs=3, metavar=("REQUESTS", "ISL", "OSL"), default=None,
+                    help="also run a whole throughput workload, e.g. 1024 128 128")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -136,6 +157,12 @@ def main():
             print(f"seqs {s:4d}  output_kind {kind:6s}  {r['ms_per_step']:.3f} ms/step  "
                   f"({r['us_per_seq_step']:.2f} us/seq)  [{ph}]  padded/real tokens {r['padded_over_real_tokens']:.2f}",
                   flush=True)
+    if a.workload:
+        r = workload(*a.workload)
+        rows.append(r)
+        print(f"workload {r['workload']}: {r['steps']} steps, host {r['host_s']:.2f} s CPU "
+              f"({r['host_ms_per_step']:.3f} ms/step, host alone could serve {r['host_output_tok_per_s']:,.0f} "
+              f"output tok/s), padded/real tokens {r['padded_over_real_tokens']:.3f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

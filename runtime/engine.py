@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -67,6 +68,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.finished_requests = 0
+        self.step_seconds = self.device_wait_seconds = 0.0  # see time_split
 
     # -- requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
@@ -131,6 +133,7 @@ class Engine:
     # -- the loop
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs it produced (per each request's output_kind)."""
+        t0 = time.perf_counter()
         touched: dict[str, _Group] = {}
         self._drain(touched)
         plan = self.scheduler.schedule()
@@ -143,7 +146,18 @@ class Engine:
         if handle is not None and not self.overlap:
             self._process(*handle, touched)
             self._inflight = None
-        return [o for g in touched.values() if (o := self._output(g)) is not None]
+        outs = [o for g in touched.values() if (o := self._output(g)) is not None]
+        self.step_seconds += time.perf_counter() - t0
+        return outs
+
+    def time_split(self) -> dict:
+        """Where `step` spent its time so far: waiting for the device (the host had nothing
+        left to do) vs host work. With overlap, a device-bound loop waits on most steps; a
+        host-bound one barely waits at all."""
+        host = self.step_seconds - self.device_wait_seconds
+        return {"steps": self.scheduler.step_count, "step_s": self.step_seconds,
+                "device_wait_s": self.device_wait_seconds, "host_s": host,
+                "host_ms_per_step": host / max(self.scheduler.step_count, 1) * 1e3}
 
     def _drain(self, touched: dict) -> None:
         while self._intake:
@@ -163,7 +177,9 @@ class Engine:
     def _process(self, plan: SchedulerOutput, handle, touched: dict) -> None:
         """Resolve a finished step's samples into their requests (the hot loop of every step:
         per sequence a few list operations; text only where it is streamed or searched)."""
+        t = time.perf_counter()
         res = self.runner.read(handle)
+        self.device_wait_seconds += time.perf_counter() - t
         chunks, step, groups = plan.chunks, plan.step, self._groups
         tokens = res["tokens"][:len(chunks)].tolist()
         for row, c in enumerate(chunks):

@@ -38,3 +38,18 @@ def test_stop_string_is_cut_and_never_streamed(tok):
     d.flush()
     chunks.append(d.delta())
     assert stopped and d.text == "the quick brown " and "".join(chunks) == d.text
+
+
+def test_lazy_text_equals_incremental(tok):
+    """Without streaming or stop strings the text is decoded once at the end: the same text."""
+    prompt = tok.encode("say: ")
+    for text in ("héllo wörld — 日本語 ✓", "the quick brown fox 🦊 jumps over the lazy dog " * 3):
+        inc, lazy = Detokenizer(tok, prompt), Detokenizer(tok, prompt, lazy=True)
+        for t in tok.encode(text):
+            inc.push(t)
+            lazy.push(t)
+        assert lazy.text == ""  # nothing decoded per token
+        inc.flush()
+        lazy.flush()
+        assert lazy.text == inc.text == text
+    assert not Detokenizer(tok, prompt, lazy=True, stop=["x"]).lazy  # stop strings need the text as it grows
