@@ -1,0 +1,77 @@
+"""Build time, cold start and warm start for a Llama-3-8B-shaped engine (random weights).
+
+    python3 benchmarks/bench_build.py [--preset llama-3-8b]
+
+  build       `kiln build --random-weights PRESET -o ENGINE` (passes, orbax weights, every bucket compiled)
+  cold start  a fresh process: LLM("random:PRESET") built in memory, no compilation cache,
+              up to the first generated token
+  warm start  a fresh process: LLM(ENGINE) up to the first generated token (weights from
+              orbax, steps from the engine's persistent compilation cache)
+Each start is a separate process; results in $OUT/bench_build.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+OUT = os.environ.get("OUT", ".")
+ENGINE_OPTS = ["--dtype", "bfloat16", "--max-num-seqs", "256", "--max-num-tokens", "2048", "--max-model-len", "2304",
+               "--gpu-memory-utilization", "0.85"]
+
+START = r"""
+import sys, time, json
+t0 = time.perf_counter()
+import jax
+from jax import monitoring
+misses = []
+monitoring.register_event_listener(lambda n, **k: misses.append(n) if n == "/jax/compilation_cache/cache_misses" else None)
+from kiln import LLM, SamplingParams
+t_import = time.perf_counter() - t0
+kw = json.loads(sys.argv[2])
+llm = LLM(sys.argv[1], **kw)
+t_load = time.perf_counter() - t0
+out = llm.generate([[1000 + i for i in range(128)]], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+t_first = time.perf_counter() - t0
+print("RESULT", json.dumps({"import_s": t_import, "load_s": t_load, "first_token_s": t_first,
+                            "compile_misses": len(misses), "compile_s": llm.runner.compile_seconds}))
+"""
+
+
+def start(model, kw):
+    r = subprocess.run([sys.executable, "-c", START, model, json.dumps(kw)], capture_output=True, text=True)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+    if not line:
+        print(r.stdout[-3000:], r.stderr[-3000:])
+        return {"error": r.stderr[-500:]}
+    return json.loads(line[0][7:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--engine", default="/tmp/kiln-engine")
+    a = ap.parse_args()
+    res = {}
+    t = time.perf_counter()
+    r = subprocess.run(["kiln", "build", "--random-weights", a.preset, "-o", a.engine] + ENGINE_OPTS,
+                       capture_output=True, text=True)
+    res["build_s"] = time.perf_counter() - t
+    res["build_log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("[build]")]
+    print("build", res["build_s"], "\n".join(res["build_log"]), r.stderr[-1500:] if r.returncode else "", flush=True)
+    res["engine_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.engine) for f in fs)
+    kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_tokens=2048, max_model_len=2304, gpu_memory_utilization=0.85)
+    res["cold_start"] = start(f"random:{a.preset}", kw)
+    print("cold", res["cold_start"], flush=True)
+    res["warm_start"] = start(a.engine, {})
+    print("warm", res["warm_start"], flush=True)
+    res["warm_start_2"] = start(a.engine, {})
+    print("warm2", res["warm_start_2"], flush=True)
+    with open(os.path.join(OUT, "bench_build.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
