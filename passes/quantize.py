@@ -15,7 +15,8 @@ vector multiplied into x, which XLA fuses into the producer); alpha is searched 
 on the calibration activations to minimise the output error.
 
 FP8 KV cache (`kv_cache_dtype="fp8"`): the pools are f8e4m3 and each layer's cache entry
-carries scalar `k_scale` / `v_scale` (stored = value / scale); see `allocate_kv_cache`.
+carries scalar `k_scale` / `v_scale` (stored = value / scale); the `kv_cache_*` pass only
+marks `graph.meta["kv_cache_dtype"]`, which runtime/kv_cache.py's allocator honours.
 """
 
 from __future__ import annotations
@@ -228,23 +229,3 @@ def quantize_pass(mode: str):
 
     return Pass(f"quantize_{mode}", lambda g, ctx: quantize_graph(
         g, ctx.params, mode, exclude=ctx.options.quantize_exclude, calibration=ctx.options.calibration))
-
-
-# --------------------------------------------------------------------------- FP8 KV cache
-
-
-def allocate_kv_cache(graph: Graph, num_blocks: int, block_size: int, dtype: str, *, k_scale: float = 1.0,
-                      v_scale: float = 1.0) -> list[dict]:
-    """Pools in the graph's KV cache dtype (`graph.meta["kv_cache_dtype"]`, else `dtype`); FP8
-    entries carry scalar f32 `k_scale` / `v_scale` (stored = value / scale)."""
-    import jax.numpy as jnp
-
-    kv_dtype = graph.meta.get("kv_cache_dtype") or dtype
-    out = []
-    for kv in graph.kv_layers:
-        shape = (kv.num_kv_heads, num_blocks, block_size, kv.head_dim)
-        e = {"k": jnp.zeros(shape, kv_dtype), "v": jnp.zeros(shape, kv_dtype)}
-        if kv_dtype.startswith("float8"):
-            e.update(k_scale=jnp.float32(k_scale), v_scale=jnp.float32(v_scale))
-        out.append(e)
-    return out

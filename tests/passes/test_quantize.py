@@ -133,3 +133,16 @@ def test_awq_pipeline(fused):
     assert rel_err(got, run_workload(g, _dequantized_params(gq, pq, p))) < 1e-5
     assert {n.inputs[-1] for n in smoothed} <= set(pq) and all(pq[n.inputs[-1]].shape == (n.attrs["in_features"],)
                                                              for n in smoothed)
+
+
+def test_fp8_kv_cache(fused):
+    """kv_cache_dtype="fp8": f8e4m3 pools with scalar scales; logits near the float cache's."""
+    from tests.passes.util import _stepper
+
+    arch, g, p, ref = fused
+    g8, p8 = compile_model(g, p, kv_cache_dtype="fp8")
+    assert g8.meta["kv_cache_dtype"] == "float8_e4m3fn"
+    entry = _stepper(g8, p8).kv[0]
+    assert entry["k"].dtype == jnp.float8_e4m3fn and entry["v_scale"].shape == ()
+    got = run_workload(g8, p8)
+    assert 0 < rel_err(got, ref) < 0.1
