@@ -40,6 +40,8 @@ _NAMES = {
     "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
     "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
     "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
@@ -189,3 +191,38 @@ def open_gguf(path: str | Path):
     f = GGUFFile(path)
     cfg = f.config()
     return cfg, f.source(cfg)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer and chat template in a GGUF file's metadata, through transformers' GGUF
+    support. Converting it takes seconds, so the result is saved once per file (keyed by
+    path, size and mtime) under `$KILN_CACHE_DIR` (default `~/.cache/kiln`) and reloaded."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "gguf-tokenizers"
+    cached = root / key
+    if (cached / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception:
+            shutil.rmtree(cached, ignore_errors=True)  # a broken cache entry: convert again
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the tokenizer from the GGUF metadata ({_one_line(e)})") from None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only home: no cache, same tokenizer
+    return tok

@@ -160,9 +160,10 @@ class Checkpoint:
             return None
         from transformers import AutoTokenizer
 
-        p = Path(self.tokenizer_path)
-        if p.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        if self.tokenizer_path.endswith(".gguf"):
+            from kiln.models.gguf import load_tokenizer
+
+            return load_tokenizer(self.tokenizer_path)
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
 

@@ -126,3 +126,22 @@ class Stepper:
             out.append(logits[r:r + n])
             r += n
         return out
+
+
+def hf_perplexity(model, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """(perplexity, tokens scored) of a transformers model over the windows Kiln's
+    `runtime/evaluate.py` uses: the reference for `kiln eval`."""
+    import math
+
+    import torch
+
+    from kiln.runtime.evaluate import window_spans
+
+    total, count = 0.0, 0
+    for begin, end, first in window_spans(len(ids), window, stride):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[begin:end]])).logits[0].float(), -1).numpy()
+        rows = np.arange(first - begin - 1, end - begin - 1)
+        total -= float(logp[rows, np.asarray(ids[first:end])].sum())
+        count += len(rows)
+    return math.exp(total / count), count

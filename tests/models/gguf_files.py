@@ -45,7 +45,7 @@ def encode(arr: np.ndarray, qtype: str, rng: np.random.Generator) -> tuple[np.nd
 
 def write_gguf(path: Path, hf_model, qtype: str = "F32", *, arch: str = "llama", seed: int = 0,
                extra_meta: dict | None = None, raw_tensors: dict | None = None) -> Path:
-    """Write `hf_model` (a transformers Llama/Qwen2) as a GGUF of `arch` with every matrix in
+    """Write `hf_model` (a transformers Llama/Qwen2/Qwen3) as a GGUF of `arch` with every matrix in
     `qtype` (norms and biases stay F32); `raw_tensors` {gguf name: (bytes array, raw type)}
     replaces tensors as they are."""
     import gguf
@@ -61,7 +61,10 @@ def write_gguf(path: Path, hf_model, qtype: str = "F32", *, arch: str = "llama",
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type({"F32": 0, "F16": 1, "BF16": 32}.get(qtype, 7))
     for k, v in (extra_meta or {}).items():

@@ -26,8 +26,16 @@ def _hf_model(arch, seed=0, **kw):
     import torch
     import transformers
 
+    if arch == "qwen3":  # tests.helpers.hf_config knows llama/mistral/qwen2: same shape, Qwen3's class
+        base = hf_config("qwen2", **{**SHAPE, **kw}).to_dict()
+        for k in ("architectures", "model_type", "transformers_version"):
+            base.pop(k, None)
+        torch.manual_seed(seed)  # head_dim 128: transformers' GGUF reader ignores key_length (real Qwen3s have 128)
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**base, "head_dim": 128})).eval()
+
     torch.manual_seed(seed)
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[arch]
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "qwen3": transformers.Qwen3ForCausalLM}[arch]
     overrides = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}) if arch == "llama" else {}
     model = cls(hf_config(arch, **{**SHAPE, **overrides, **kw})).eval()
     with torch.no_grad():
@@ -90,12 +98,14 @@ def test_dtype_auto_follows_file_type(llama_files):
     assert dtypes == {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "Q4_1": "float32"}
 
 
-def test_qwen2_biases_tied_embeddings_no_permutation(tmp_path):
-    model = _hf_model("qwen2", use_sliding_window=False)
-    path = write_gguf(tmp_path / "qwen.gguf", model, "Q8_0", arch="qwen2")
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_no_permutation(tmp_path, arch):
+    """qwen2: q/k/v biases, tied embeddings; qwen3: q/k norms, head_dim 128 (not hidden / heads)."""
+    model = _hf_model(arch, use_sliding_window=False)
+    path = write_gguf(tmp_path / "qwen.gguf", model, "Q8_0", arch=arch)
     ckpt = open_checkpoint(path)
-    assert ckpt.config.architecture == "Qwen2ForCausalLM" and ckpt.config.qkv_bias
-    assert ckpt.config.tie_word_embeddings
+    assert ckpt.config.architecture == type(model).__name__ and ckpt.config.tie_word_embeddings
+    assert ckpt.config.qkv_bias == (arch == "qwen2") and ckpt.config.head_dim == (128 if arch == "qwen3" else 64)
     graph = build_graph(ckpt.config, "float32")
     st = Stepper(graph, load_params(graph, ckpt.config, ckpt.source))
     got = st.step([SeqChunk(IDS, 0, st.new_table(), all_logits=True)])[0]
