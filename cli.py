@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -282,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        from kiln.models.registry import load_plugins
+
+        load_plugins(os.environ.get("KILN_PLUGINS"))  # user-defined models (examples/custom_model.py)
         return args.func(args)
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)

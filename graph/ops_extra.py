@@ -4,9 +4,10 @@ Registered into the one registry (`graph/ops.py` imports this module at its end)
 
     moe(x[T,E], router_logits[T,X], w_gate[X,E,F], w_up[X,E,F], w_down[X,F,E]) -> [T,E]
         top-k routing over X experts, SwiGLU experts. `impl="grouped"` (default) sorts the
-        T*k (token, expert) assignments by expert and runs three `lax.ragged_dot` grouped
-        matmuls: each token meets only its k experts. `impl="dense"` runs every expert on
-        every token and masks: the reference the grouped path is tested against.
+        T*k (token, expert) assignments by expert and runs three grouped matmuls
+        (runtime/kernels/grouped_matmul.py; `gemm` picks one, default per backend): each
+        token meets only its k experts. `impl="dense"` runs every expert on every token
+        and masks: the reference the grouped path is tested against.
     longrope(x[T,H,D], positions, seq_ids, context_lens) -> [T,H,D]
         Phi-3's LongRoPE: per-dim frequency factors, "short" while the sequence fits the
         trained context, "long" once it grows past it, cos/sin scaled by `attention_factor`.
@@ -63,13 +64,17 @@ def moe_dense(x, weights, experts, w_gate, w_up, w_down):
     return jnp.einsum("txe,tx->te", y.astype(jnp.float32), combine).astype(dt)
 
 
-def moe_grouped(x, weights, experts, w_gate, w_up, w_down):
+def moe_grouped(x, weights, experts, w_gate, w_up, w_down, gemm: str | None = None):
     """Sort the T*k assignments by expert, three grouped matmuls, unsort, weighted sum over k.
+    `gemm` names the grouped-matmul implementation (runtime/kernels/grouped_matmul.py; None:
+    the backend's default).
 
         assignments (token, slot) -> flat a = token * k + slot, expert e[a]
         order = argsort(e)          rows of xs = x[order // k], grouped by expert
         sizes[x] = #assignments of expert x          (the ragged groups)
     """
+    from kiln.runtime.kernels.grouped_matmul import grouped_matmul
+
     t, k = experts.shape
     n_exp = w_gate.shape[0]
     dt = x.dtype
@@ -77,17 +82,18 @@ def moe_grouped(x, weights, experts, w_gate, w_up, w_down):
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)    # [X]
     xs = jnp.take(x, order // k, axis=0)                          # [T*k, E], grouped by expert
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate.astype(dt), sizes)) * jax.lax.ragged_dot(xs, w_up.astype(dt), sizes)
-    ys = jax.lax.ragged_dot(h, w_down.astype(dt), sizes)          # [T*k, E]
+    h = jax.nn.silu(grouped_matmul(xs, w_gate, sizes, gemm)) * grouped_matmul(xs, w_up, sizes, gemm)
+    ys = grouped_matmul(h, w_down, sizes, gemm)                   # [T*k, E]
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
     y = jnp.take(ys, unsort, axis=0).reshape(t, k, -1)            # [T, k, E]
     return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(dt)
 
 
-def _moe_lower(ctx, x, logits, w_gate, w_up, w_down, *, top_k, norm_topk=True, impl="grouped"):
+def _moe_lower(ctx, x, logits, w_gate, w_up, w_down, *, top_k, norm_topk=True, impl="grouped", gemm=None):
     weights, experts = route(logits, top_k, norm_topk)
-    fn = moe_grouped if impl == "grouped" else moe_dense
-    return fn(x, weights, experts, w_gate, w_up, w_down)
+    if impl == "dense":
+        return moe_dense(x, weights, experts, w_gate, w_up, w_down)
+    return moe_grouped(x, weights, experts, w_gate, w_up, w_down, gemm)
 
 
 register_op("moe", _moe_shape, _moe_lower, inputs=5)

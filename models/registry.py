@@ -80,6 +80,30 @@ def resolve_weights(cfg: ModelConfig, param_names) -> dict[str, tuple[str, str |
     return out
 
 
+def load_plugins(spec: str | None) -> None:
+    """Import user modules that register families or ops (`KILN_PLUGINS` for the CLI): a
+    `os.pathsep`-separated list of Python files or importable module names."""
+    import importlib
+    import importlib.util
+    import os
+
+    for item in filter(None, (spec or "").split(os.pathsep)):
+        try:
+            if item.endswith(".py"):
+                name = "kiln_plugin_" + re.sub(r"\W", "_", os.path.basename(item)[:-3])
+                mod_spec = importlib.util.spec_from_file_location(name, item)
+                if mod_spec is None or not os.path.isfile(item):
+                    raise FileNotFoundError(item)
+                mod_spec.loader.exec_module(importlib.util.module_from_spec(mod_spec))
+            else:
+                importlib.import_module(item)
+        except Exception as e:
+            from kiln.errors import ConfigError
+
+            raise ConfigError(f"plugin {item!r} failed to load ({type(e).__name__}: {e}); KILN_PLUGINS lists "
+                              f"Python files or module names that register models") from None
+
+
 _loaded = False
 
 
