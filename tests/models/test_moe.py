@@ -77,3 +77,21 @@ def test_dense_reference_graph_agrees(fam):
     ps = prompts((5, 21), seed=5)
     for a, b in zip(fam.batch_logits(ps), fam.batch_logits(ps, fam.stepper(dense))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_never_gathers_expert_weights(family):
+    """Under EP_RULES each device keeps its own experts: the partitioned step all-gathers only
+    the experts' group sizes and the final logits, never an expert matrix."""
+    import re
+
+    from kiln.passes.sharding import EP_RULES, shard_model
+    from kiln.runtime.batch import SeqChunk, prepare_inputs
+
+    fam = family("mixtral")
+    model = shard_model(fam.graph, dict(fam.params), tp=2, rules=EP_RULES)
+    assert model.params["layers.0.experts.gate.w"].sharding.shard_shape((4, 64, 128)) == (2, 64, 128)
+    inputs, _ = prepare_inputs([SeqChunk([1, 2, 3], 0, list(range(16)))], 4, pad_tokens=16, pad_seqs=2,
+                               pad_blocks=16, pad_logits=2)
+    hlo = model.lower_text(model.params, model.allocate_kv_cache(64, 4, "float32"), inputs)
+    gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", hlo)
+    assert gathered and all(dt == "s32" or dims == "2,320" for dt, dims in gathered), gathered
