@@ -28,6 +28,9 @@ from kiln.runtime.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
 from kiln.runtime.sampling import sample_rows
 
 
+CPU_KV_BYTES = 2 << 30  # the KV pool on a device without memory statistics (the CPU)
+
+
 @dataclass
 class StepHandle:
     batch: StepBatch
@@ -67,8 +70,9 @@ class Runner:
         enough blocks for max_num_seqs full-length sequences."""
         per_block = kv_cache_bytes_per_block(self.graph, self.block_size, self.dtype) // self.kv_shards
         stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" not in stats:
-            return self.max_num_seqs * self.max_blocks + 1
+        if "bytes_limit" not in stats:  # host memory: at most CPU_KV_BYTES, at least one full sequence
+            cap = max(self.max_blocks + 1, CPU_KV_BYTES // max(per_block, 1))
+            return min(self.max_num_seqs * self.max_blocks + 1, cap)
         activations = self._activation_bytes()
         avail = utilization * stats["bytes_limit"] - stats.get("bytes_in_use", 0) - activations
         n = int(avail // per_block)
