@@ -56,7 +56,7 @@ def main():
     a = ap.parse_args()
     res = {}
     t = time.perf_counter()
-    r = subprocess.run(["kiln", "build", "--random-weights", a.preset, "-o", a.engine] + ENGINE_OPTS,
+    r = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "--random-weights", a.preset, "-o", a.engine] + ENGINE_OPTS,
                        capture_output=True, text=True)
     res["build_s"] = time.perf_counter() - t
     res["build_log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("[build]")]
