@@ -75,7 +75,7 @@ def moe_fn(variant: str, top_k: int):
         body = moe_dense
     else:
         body = partial(moe_grouped, gemm={"ragged_dot_cudnn": "ragged_dot", "ragged_dot_triton": "ragged_dot",
-                                          "mgpu_bm128": "mgpu"}.get(variant, variant))
+                                          "mgpu_bm64": "mgpu", "mgpu_bm128": "mgpu"}.get(variant, variant))
 
     def f(x, logits, wg, wu, wd):
         w, idx = route(logits, top_k, True)
@@ -86,8 +86,8 @@ def moe_fn(variant: str, top_k: int):
 def run_variant(variant: str, shape: dict, tokens: list[int], ref_cache: dict) -> list[dict]:
     rows = []
     saved_tiles = dict(gm.MGPU_TILES)
-    if variant == "mgpu_bm128":
-        gm.MGPU_TILES["block_m"] = 128
+    if variant.startswith("mgpu_bm"):  # a fixed row block instead of mgpu_block_m's rule
+        gm.MGPU_TILES["block_m"] = int(variant[len("mgpu_bm"):])
     triton_flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
     if variant == "ragged_dot_triton":
         jax.config.update(triton_flag, True)
@@ -143,7 +143,7 @@ def child_rows(variant: str, args) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[16, 256, 2048, 8192])
-    ap.add_argument("--variants", default="dense,ragged_dot,mgpu,mgpu_bm128,ragged_dot_triton,ragged_dot_cudnn")
+    ap.add_argument("--variants", default="dense,ragged_dot,mgpu_bm64,mgpu_bm128,mgpu,ragged_dot_triton,ragged_dot_cudnn")
     ap.add_argument("--small", action="store_true", help="a small layer (for a CPU smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--child", help=argparse.SUPPRESS)

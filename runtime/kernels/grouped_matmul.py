@@ -24,8 +24,14 @@ import jax.numpy as jnp
 
 IMPLS = ("ragged_dot", "mgpu", "reference")
 
-# Mosaic-GPU kernel tiling; block_m=64 serves decode-sized groups as well as prefill
-MGPU_TILES = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+# Mosaic-GPU kernel tiling. Row blocks: 64 for up to 1024 rows (tokens x top_k), 128 beyond
+# (H100, Mixtral-8x7B layer: 64 won at 32 and 512 rows, 128 at 4096 and 16384; BENCHMARKS.md).
+# A "block_m" set here overrides that rule.
+MGPU_TILES = dict(block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+
+
+def mgpu_block_m(rows: int) -> int:
+    return 64 if rows <= 1024 else 128
 
 
 def grouped_matmul_reference(lhs, rhs, sizes):
@@ -38,7 +44,8 @@ def grouped_matmul_reference(lhs, rhs, sizes):
 def grouped_matmul_mgpu(lhs, rhs, sizes, **tiles):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-    return ragged_dot_mgpu.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes=sizes, **{**MGPU_TILES, **tiles})
+    tiles = {"block_m": mgpu_block_m(lhs.shape[0]), **MGPU_TILES, **tiles}
+    return ragged_dot_mgpu.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes=sizes, **tiles)
 
 
 @functools.lru_cache(maxsize=None)
