@@ -146,6 +146,7 @@ def time_best(row, cfgs, b, log):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer sizes and configs")
+    ap.add_argument("--checks-only", action="store_true", help="GPU checks and the 8k prefill only")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, tiny sizes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -193,9 +194,10 @@ def main():
         log(f"check {name}: rel err {err:.2e}")
 
     # ---- decode
-    ctxs = [256] if args.smoke else [2048, 8192] if args.quick else [2048, 8192, 32768]
-    sweep_ctx = 256 if args.smoke else 8192
-    decode_cfgs = [KernelConfig(4, bk, sp, 4, st) for bk in (64, 128) for sp in (1, 2, 4, 8) for st in (2, 3, 4)]
+    ctxs = [] if args.checks_only else [256] if args.smoke else [2048, 8192] if args.quick else [2048, 8192, 32768]
+    sweep_ctx = 256 if args.smoke else 2048
+    decode_cfgs = [KernelConfig(4, bk, 1, w, st) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
+    decode_cfgs += [KernelConfig(4, 64, 2, 4, 3), KernelConfig(4, 128, 1, 4, 3)]
     if args.quick or args.smoke:
         decode_cfgs = decode_cfgs[::3] if args.quick else decode_cfgs[:2]
     best_cfg = {}
@@ -252,10 +254,26 @@ def main():
         del kp, vp
         res["decode"].append(row)
 
+    # ---- decode at small batch: where split-K matters (few sequences, long contexts)
+    for nbs, ctx in ([] if args.checks_only else [(2, 256)] if args.smoke else [(1, 32768), (4, 32768), (8, 8192)]):
+        log(f"decode batch {nbs} ctx {ctx}")
+        b = make_batch(rng, [1] * nbs, [ctx] * nbs)
+        kv_bytes = 2 * nbs * ctx * KVH * D * 2
+        cfg = choose_config(nbs, nbs, KVH, 4, D, PAGE, ctx)
+        row = {"ctx": ctx, "batch": nbs, "kv_bytes": kv_bytes, "default_cfg": str(cfg),
+               "kiln_splitk": try_time(f"kiln split-K {cfg}", kiln_fn(cfg), b, log=log),
+               "kiln_nosplit": try_time("kiln splits=1", kiln_fn(KernelConfig(cfg.block_q, cfg.block_k, 1, 4, 3)), b,
+                                        log=log),
+               "jax_paged": try_time("jax paged_attention ppcb=8 k_splits=16", jax_paged_fn(8, 16), b, log=log)}
+        for k in ("kiln_splitk", "kiln_nosplit", "jax_paged"):
+            if row.get(k):
+                row[k + "_GBps"] = kv_bytes / row[k] / 1e9
+        res.setdefault("decode_small", []).append(row)
+        b.clear()
+
     # ---- prefill
-    prefills = [[64], [32] * 2] if args.smoke else [[2048], [8192]] if args.quick else [[2048], [4096], [8192], [2048] * 4]
-    prefill_cfgs = [KernelConfig(bq, bk, 1, w, st) for bq in (16, 32) for bk in (32, 64, 128) for w in (4, 8)
-                    for st in (2, 3)]
+    prefills = [[8192]] if args.checks_only else [[64], [32] * 2] if args.smoke else [[2048], [8192]] if args.quick else [[2048], [4096], [8192], [2048] * 4]
+    prefill_cfgs = [KernelConfig(32, bk, 1, w, st) for bk in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
     if args.quick or args.smoke:
         prefill_cfgs = prefill_cfgs[::4] if args.quick else prefill_cfgs[:2]
     for ql in prefills:
@@ -313,6 +331,11 @@ def table(res) -> str:
         pct = lambda k: None if g(k) is None else 100 * g(k) / hbm  # noqa: E731
         out.append(f"| {r['ctx']} | {f(g('kiln'))} | {f(pct('kiln'))} | {f(g('jax_paged'))} | {f(pct('jax_paged'))} | "
                    f"{f(g('reference'))} | {f(pct('reference'))} | {f(r.get('kiln_fp8_GBps'))} | {f(r.get('write_kv_us'), 1)} |")
+    out += ["", "Decode at small batch (split-K), GB/s of K/V read:", "",
+            "| batch x context | Kiln split-K (default) | Kiln splits=1 | jax paged_attention |", "|---|---|---|---|"]
+    for r in res.get("decode_small", []):
+        out.append(f"| {r['batch']} x {r['ctx']} | {f(r.get('kiln_splitk_GBps'))} | {f(r.get('kiln_nosplit_GBps'))} | "
+                   f"{f(r.get('jax_paged_GBps'))} |")
     out += ["", "Prefill, causal, fresh sequences, same heads (TFLOP/s of useful attention FLOPs; % of matmul):", "",
             "| tokens | Kiln kernel | % | jax attention.mha (contiguous) | % | XLA reference | % |", "|---|---|---|---|---|---|---|"]
     for r in res["prefill"]:

@@ -4,9 +4,12 @@ Pallas kernel against the same model on the plain-JAX reference attention, both 
     python3 benchmarks/check_kernel_model.py [--preset llama-tiny] [--steps 16] [--impl pallas]
 
 Four prompts of different lengths are prefilled in one ragged step (16-token pages shuffled
-across the pool), then decoded together, greedily. Passes when every generated token is
-identical and each step's logits agree within bf16 tolerance: relative L2 error under 2e-2, or
-under twice the reference's own bf16-vs-fp32 error where that is larger.
+across the pool), then decoded together, greedily, in fp32 and in bf16. Passes when the fp32
+greedy tokens are identical, and in bf16 each step's logits (kernel teacher-forced on the
+reference's tokens) agree within bf16 tolerance (relative L2 error under 2e-2, or under twice
+the reference's own bf16-vs-fp32 error where that is larger) with every argmax mismatch a
+near-tie. Free-running bf16 token identity is reported: a random model's bf16 logits have
+exact top-2 ties, which any change of summation order may flip.
 Writes model_check.json under $OUT (or --out). `--impl interpret` runs it on the CPU."""
 
 from __future__ import annotations
@@ -27,15 +30,26 @@ from kiln.runtime.batch import SeqChunk, prepare_inputs
 from kiln.runtime.kv_cache import allocate_kv_cache
 
 
+_STEPS: dict = {}
+
+
+def _step(graph, impl):
+    key = (id(graph), impl)
+    if key not in _STEPS:
+        _STEPS[key] = jax.jit(lower(graph, attention=impl), donate_argnums=(1,))
+    return _STEPS[key]
+
+
 def run(graph, params, impl: str, prompts: list[list[int]], steps: int, block_size: int, seed: int,
-        dtype: str = "bfloat16"):
-    """Greedy tokens [S, steps] and the logits of every step [steps, S, V] (f32)."""
+        dtype: str = "bfloat16", force: np.ndarray | None = None):
+    """Greedy tokens [S, steps] and the logits of every step [steps, S, V] (f32). With `force`
+    [S, steps], those tokens are fed back instead of the greedy ones (teacher forcing)."""
     width = -(-(max(map(len, prompts)) + steps) // block_size)
     num_blocks = width * len(prompts) + 1
     kv = allocate_kv_cache(graph, num_blocks, block_size, dtype)
     perm = list(np.random.default_rng(seed).permutation(num_blocks))
     tables = [[int(perm.pop()) for _ in range(width)] for _ in prompts]
-    step = jax.jit(lower(graph, attention=impl), donate_argnums=(1,))
+    step = _step(graph, impl)
     chunks = [SeqChunk(list(p), 0, t) for p, t in zip(prompts, tables)]
     toks, logits_all = [], []
     for i in range(steps):
@@ -46,8 +60,30 @@ def run(graph, params, impl: str, prompts: list[list[int]], steps: int, block_si
         nxt = logits.argmax(-1)
         toks.append(nxt)
         logits_all.append(logits)
-        chunks = [SeqChunk([int(t)], c.start_pos + len(c.token_ids), c.block_table) for c, t in zip(chunks, nxt)]
+        feed = nxt if force is None else force[:, i]
+        chunks = [SeqChunk([int(t)], c.start_pos + len(c.token_ids), c.block_table) for c, t in zip(chunks, feed)]
     return np.stack(toks, 1), np.stack(logits_all)
+
+
+def compare(graph, params, impl, prompts, steps, dtype):
+    """Free-running greedy of both paths, then the kernel teacher-forced on the reference's
+    tokens: per-step logits error, and whether each argmax mismatch is a near-tie (reference
+    top-2 margin no larger than the largest logit difference of that row)."""
+    ref_t, ref_l = run(graph, params, "reference", prompts, steps, 16, 0, dtype)
+    ker_t, _ = run(graph, params, impl, prompts, steps, 16, 0, dtype)
+    _, forced_l = run(graph, params, impl, prompts, steps, 16, 0, dtype, force=ref_t)
+    same = ref_t == ker_t
+    rel = [float(np.linalg.norm(forced_l[i] - ref_l[i]) / np.linalg.norm(ref_l[i])) for i in range(steps)]
+    top2 = np.sort(ref_l, -1)[..., -2:]
+    margin = top2[..., 1] - top2[..., 0]                         # [steps, S]
+    diff = np.abs(forced_l - ref_l).max(-1)                      # [steps, S]
+    mism = forced_l.argmax(-1) != ref_l.argmax(-1)
+    return {"dtype": dtype, "tokens_identical": bool(same.all()),
+            "first_difference_per_seq": [int(np.argmin(r)) if not r.all() else None for r in same],
+            "forced_argmax_mismatches": int(mism.sum()), "forced_argmaxes": int(mism.size),
+            "mismatches_all_near_ties": bool(np.all(margin[mism] <= diff[mism])),
+            "logits_rel_err_max": max(rel), "logits_rel_err": rel,
+            "min_top1_top2_margin": float(margin.min()), "ref_tokens": ref_t.tolist(), "kernel_tokens": ker_t.tolist()}
 
 
 def main():
@@ -64,30 +100,27 @@ def main():
     params = random_params(graph, 0, std=args.std)
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, cfg.vocab_size, int(n))) for n in args.prompt_lens.split(",")]
-    ref_t, ref_l = run(graph, params, "reference", prompts, args.steps, 16, 0)
-    ker_t, ker_l = run(graph, params, args.impl, prompts, args.steps, 16, 0)
-    # bf16's own noise: the reference in bf16 against the same weights in fp32, first step
+    bf = compare(graph, params, args.impl, prompts, args.steps, "bfloat16")
     g32 = build_graph(cfg, "float32")
     p32 = {k: v.astype("float32") for k, v in params.items()}
-    _, f32_l = run(g32, p32, "reference", prompts, 1, 16, 0, "float32")
-    noise = float(np.linalg.norm(ref_l[0] - f32_l[0]) / np.linalg.norm(f32_l[0]))
-    same = ref_t == ker_t
-    first_diff = [int(np.argmin(r)) if not r.all() else None for r in same]
-    # logits compared only while both runs fed the same tokens
-    upto = min([d for d in first_diff if d is not None] + [args.steps - 1]) + 1
-    rel = [float(np.linalg.norm(ker_l[i] - ref_l[i]) / np.linalg.norm(ref_l[i])) for i in range(upto)]
-    top2 = np.sort(ref_l, -1)[..., -2:]
+    f32 = compare(g32, p32, args.impl, prompts, args.steps, "float32")
+    # bf16's own noise: the bf16 reference against the fp32 reference, first step (same inputs)
+    _, l16 = run(graph, params, "reference", prompts, 1, 16, 0)
+    _, l32 = run(g32, p32, "reference", prompts, 1, 16, 0, "float32")
+    noise = float(np.linalg.norm(l16[0] - l32[0]) / np.linalg.norm(l32[0]))
     res = {"device": str(jax.devices()[0].device_kind), "preset": args.preset, "impl": args.impl,
-           "prompt_lens": [len(p) for p in prompts], "steps": args.steps, "tokens_identical": bool(same.all()),
-           "first_difference_per_seq": first_diff, "logits_rel_err_max": max(rel), "logits_rel_err": rel,
-           "min_top1_top2_margin": float((top2[..., 1] - top2[..., 0]).min()),
-           "max_abs_logit": float(np.abs(ref_l).max()), "bf16_noise_rel_err_step0": noise, "ref_tokens": ref_t.tolist(), "kernel_tokens": ker_t.tolist()}
-    # within bf16 tolerance: no further from the bf16 reference than bf16 itself is from fp32
-    res["pass"] = res["tokens_identical"] and res["logits_rel_err_max"] <= max(2e-2, 2 * noise)
+           "prompt_lens": [len(p) for p in prompts], "steps": args.steps, "bf16_noise_rel_err_step0": noise,
+           "bfloat16": bf, "float32": f32}
+    # fp32: identical greedy tokens, logits equal to ~1e-4 (the rest of the step runs XLA's TF32
+    # matmuls on the GPU); bf16: logits no further from the bf16 reference than bf16 is from fp32,
+    # and every argmax mismatch (teacher-forced) a near-tie
+    res["pass"] = (f32["tokens_identical"] and f32["logits_rel_err_max"] < 1e-3
+                   and bf["logits_rel_err_max"] <= max(2e-2, 2 * noise) and bf["mismatches_all_near_ties"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "model_check.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("ref_tokens", "kernel_tokens", "logits_rel_err")}))
+    short = lambda d: {k: v for k, v in d.items() if k not in ("ref_tokens", "kernel_tokens", "logits_rel_err")}  # noqa: E731
+    print(json.dumps({k: short(v) if isinstance(v, dict) else v for k, v in res.items()}))
     return 0 if res["pass"] else 1
 
 

@@ -72,7 +72,8 @@ def paged_attention_reference(q, k_pool, v_pool, positions, seq_ids, block_table
 
     kt, vt = per_token(k_pool), per_token(v_pool)
     qg = q.reshape(t, kvh, g, d)
-    scores = jnp.einsum("tkgd,ktcd->tkgc", qg, kt, preferred_element_type=jnp.float32) * scale
+    exact = jax.lax.Precision.HIGHEST  # the oracle: no TF32 for fp32 inputs on the GPU
+    scores = jnp.einsum("tkgd,ktcd->tkgc", qg, kt, preferred_element_type=jnp.float32, precision=exact) * scale
     if soft_cap:
         scores = jnp.tanh(scores / soft_cap) * soft_cap
     kpos = jnp.arange(ctx, dtype=jnp.int32)[None, :]
@@ -82,7 +83,8 @@ def paged_attention_reference(q, k_pool, v_pool, positions, seq_ids, block_table
         mask &= kpos > pos - sliding_window
     scores = jnp.where(mask[:, None, None, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("tkgc,ktcd->tkgd", probs.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+    out = jnp.einsum("tkgc,ktcd->tkgd", probs.astype(vt.dtype), vt, preferred_element_type=jnp.float32,
+                     precision=exact)
     return out.reshape(t, h, d).astype(q.dtype)
 
 

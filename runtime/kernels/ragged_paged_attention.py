@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 NEG = -1e30  # masked logit; finite so fully masked rows never make NaNs
+LOG2E = 1.4426950408889634
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -60,23 +61,42 @@ def _pow2(n: int) -> int:
 
 
 def choose_config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int,
-                  block_size: int, max_context: int, num_cores: int = 132) -> KernelConfig:
+                  block_size: int, max_context: int, num_cores: int = 132, itemsize: int = 2) -> KernelConfig:
     """Static tile choice from static shapes. Decode-shaped batches (one token per sequence)
-    get the smallest tile that feeds a tensor-core matmul (16 rows) and split-K until the
-    grid fills the GPU a few times over; prefill-shaped batches get 128-row tiles."""
+    get the smallest tile that feeds a tensor-core matmul (16 rows), and split-K only while
+    the grid is too small to fill the GPU twice; prefill-shaped batches get 128-row tiles.
+    Block sizes, warps and stages are the best of the H100 sweep in BENCHMARKS.md."""
     gp = _pow2(group)
-    if num_tokens <= num_seqs:  # decode: one token per sequence at most
+    cfg = _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_context, num_cores)
+    # shrink the tiles until K/V stages and the q tile fit in shared memory (fp32, head dim 256)
+    bq, bk = cfg.block_q, cfg.block_k
+    while _smem_bytes(bq * gp, bk, head_dim, cfg.num_stages, itemsize) > SMEM_BUDGET and bk > 16:
+        bk = _fit_block_k(bk // 2, block_size)
+    while _smem_bytes(bq * gp, bk, head_dim, cfg.num_stages, itemsize) > SMEM_BUDGET and bq * gp > 16:
+        bq = max(1, bq // 2)
+    return dataclasses.replace(cfg, block_q=bq, block_k=bk)
+
+
+SMEM_BUDGET = 160 * 1024  # of the H100's 227 KB per block, leaving room for Triton's own buffers
+
+
+def _smem_bytes(rows: int, block_k: int, head_dim: int, stages: int, itemsize: int) -> int:
+    return (stages * 2 * block_k + rows) * head_dim * itemsize
+
+
+def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_context, num_cores) -> KernelConfig:
+    if num_tokens <= max(num_seqs, 16):  # decode-shaped: about one token per sequence
         block_q = max(1, 16 // gp)
-        block_k = _fit_block_k(128 if head_dim <= 128 else 64, block_size)
+        block_k = _fit_block_k(64 if head_dim <= 128 else 32, block_size)
         tiles = min(num_tokens, -(-num_tokens // block_q) + num_seqs)
         splits = 1
         max_splits = max(1, max_context // (4 * block_k))
-        while tiles * num_kv_heads * splits < 4 * num_cores and splits * 2 <= min(16, max_splits):
+        while tiles * num_kv_heads * splits < 2 * num_cores and splits * 2 <= min(32, max_splits):
             splits *= 2
         return KernelConfig(block_q, block_k, splits, num_warps=4, num_stages=3)
     block_q = max(1, (64 if head_dim > 128 else 128) // gp)
-    block_k = _fit_block_k(32 if head_dim > 128 else 64, block_size)
-    return KernelConfig(block_q, block_k, 1, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+    block_k = _fit_block_k(64, block_size)
+    return KernelConfig(block_q, block_k, 1, num_warps=4 if head_dim <= 128 else 8, num_stages=2)
 
 
 def _fit_block_k(want: int, block_size: int) -> int:
@@ -108,7 +128,8 @@ def tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int):
     ends = jnp.cumsum(ntile)
     first = ends - ntile
     j = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)
+    method = "compare_all" if num_tiles * s <= (1 << 22) else "scan"  # one fused op, not a loop
+    seq = jnp.searchsorted(ends, j, side="right", method=method).astype(jnp.int32)
     valid = seq < s
     seq = jnp.minimum(seq, s - 1)
     local = (j - first[seq]) * block_q
@@ -133,7 +154,7 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
     head_dim = q_ref.shape[-1]
     q = q_ref[pl.ds(tok0 * group, rows), :]                          # [M, D]
     row_pos = p0 + lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
-    sm_scale = scales_ref[0] * scale
+    sm_scale = scales_ref[0] * scale  # logits are kept in log2 units: exp2 is the native op
     precision = lax.Precision.HIGHEST if exact else None
     pages_per_step = max(1, block_k // page)
 
@@ -153,9 +174,11 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
         o, m, l = carry
         k, v = load_kv(kb)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32) * sm_scale   # [M, BK]
+                            preferred_element_type=jnp.float32)              # [M, BK]
         if soft_cap:
-            s = jnp.tanh(s / soft_cap) * soft_cap
+            s = jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
+        else:
+            s = s * (sm_scale * LOG2E)
         if masked:
             kpos = kb * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
             ok = kpos <= row_pos[:, None]
@@ -163,8 +186,8 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
                 ok = ok & (kpos > row_pos[:, None] - sliding_window)
             s = jnp.where(ok, s, NEG)
         m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
         l = alpha * l + p.sum(axis=1)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
@@ -205,9 +228,9 @@ def _flip(step, masked, kb, carry):
 
 
 def combine_splits(o, m, l, v_scale):
-    """Merge split-K partials: o [P, ..., D] unnormalised, m/l [P, ...] -> [..., D] f32."""
+    """Merge split-K partials: o [P, ..., D] unnormalised, m (log2 units)/l [P, ...] -> [..., D] f32."""
     m_max = m.max(axis=0)
-    w = jnp.exp(m - m_max[None])
+    w = jnp.exp2(m - m_max[None])
     den = (w * l).sum(axis=0)
     den = jnp.where(den == 0.0, 1.0, den)
     return (w[..., None] * o).sum(axis=0) * (v_scale / den)[..., None]
@@ -226,7 +249,8 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     s, width = block_tables.shape
     group = h // kvh
     gp = _pow2(group)
-    cfg = config or choose_config(t, s, kvh, group, d, page, width * page)
+    cfg = config or choose_config(t, s, kvh, group, d, page, width * page,
+                                  itemsize=max(jnp.dtype(q.dtype).itemsize, jnp.dtype(k_pool.dtype).itemsize))
     bq, bk = cfg.block_q, cfg.block_k
     if not (bk % page == 0 or page % bk == 0):
         raise ValueError(f"block_k {bk} must be a multiple or a divisor of the page size {page}")

@@ -124,8 +124,12 @@ def test_choose_config_shapes():
     assert one.splits > 1
     pre = choose_config(4096, 4, 8, 4, 128, 16, 4096)
     assert pre.block_q * 4 == 128 and pre.splits == 1
-    assert choose_config(64, 4, 8, 4, 128, 64, 4096).block_k % 64 == 0  # whole pages or a divisor
-    assert 32 % choose_config(64, 4, 8, 4, 256, 32, 4096).block_k == 0
+    for d, page in ((128, 64), (256, 32), (128, 256)):  # whole pages, or a slice of one
+        bk = choose_config(64, 4, 8, 4, d, page, 4096).block_k
+        assert bk % page == 0 or page % bk == 0
+    f32 = choose_config(4096, 1, 8, 4, 256, 16, 4096, itemsize=4)  # shrunk to fit shared memory
+    rows = 2 * f32.block_k * f32.num_stages + f32.block_q * 4  # K and V tiles per stage, and the q tile
+    assert rows * 256 * 4 <= 160 * 1024
 
 
 def test_dispatch_auto_and_switch(monkeypatch):
