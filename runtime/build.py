@@ -50,12 +50,14 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
         bc.passes = list(llm.passes_run)
         bc.num_kv_blocks = llm.runner.num_blocks
         bc.max_model_len = llm.max_model_len
-        with stage("save graph, weights and tokenizer"):
+        with stage("save graph and tokenizer, start writing weights"):
             writer.save_graph(llm.graph)
-            writer.save_weights(llm.params)
             writer.save_tokenizer(llm.tokenizer)
-        with stage("compile every shape bucket"):
-            llm.runner.warmup()
+            writer.save_weights(llm.params, wait=False)  # written in the background while we compile
+        with stage("compile every shape bucket (parallel)"):
+            llm.runner.precompile()
+        with stage("finish writing weights"):
+            writer.wait()
         writer.write_manifest(config=llm.config.to_json(), build=bc, params=llm.params,
                               mesh_shape={"tp": bc.tp, "pp": bc.pp}, command=command or f"kiln build {model or ''} -o {out_dir}")
         path = writer.commit()

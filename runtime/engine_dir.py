@@ -111,12 +111,20 @@ class EngineWriter:
 
         save(graph, self.tmp / "graph.json")
 
-    def save_weights(self, params):
+    def save_weights(self, params, *, wait: bool = True):
+        """Write the parameters with orbax; with `wait=False` the write goes on in the
+        background (after a device-to-host copy) until `wait()`."""
         import orbax.checkpoint as ocp
 
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(self.tmp / "weights", params)
-        ckptr.wait_until_finished()
+        self._ckptr = ocp.StandardCheckpointer()
+        self._ckptr.save(self.tmp / "weights", params)
+        if wait:
+            self.wait()
+
+    def wait(self):
+        if getattr(self, "_ckptr", None) is not None:
+            self._ckptr.wait_until_finished()
+            self._ckptr = None
 
     def save_tokenizer(self, tokenizer):
         if tokenizer is not None:

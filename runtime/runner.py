@@ -152,23 +152,41 @@ class Runner:
         """The step's samples on the host (waits for that step only)."""
         return {k: np.asarray(v) for k, v in handle.out.items()}
 
-    def warmup(self) -> None:
-        """Compile the greedy step for every token bucket now, not on first use."""
+    def _warmup_batches(self) -> list[StepBatch]:
+        """One greedy batch per token bucket (writes nothing to the cache)."""
         from kiln.runtime.batch import SeqChunk, prepare_inputs
 
-        T = 16
+        out, T = [], 16
         while True:
             S = min(T, self.max_num_seqs)
             inputs, _ = prepare_inputs([SeqChunk([0], 0, [0])], self.block_size, pad_tokens=T, pad_seqs=S,
                                        pad_blocks=min(self.max_blocks, 16), pad_logits=S)
             inputs["slot_mapping"][:] = -1  # writes nothing
-            b = StepBatch(-10, inputs, np.full(T, -1, np.int32), _dummy_sampling(S), True, 0, 1)
-            self.execute(b)
+            out.append(StepBatch(-10, inputs, np.full(T, -1, np.int32), _dummy_sampling(S), True, 0, 1))
             if T >= self.max_num_tokens:
-                break
+                return out
             T *= 2
+
+    def warmup(self) -> None:
+        """Compile the greedy step for every token bucket now, not on first use."""
+        for b in self._warmup_batches():
+            self.execute(b)
         self._prev_step = -1
 
+    def precompile(self, workers: int = 8) -> None:
+        """Compile every token bucket in parallel threads (XLA compiles outside the GIL),
+        without running them: what `kiln build` uses to fill the persistent compilation
+        cache, from which a later `execute` loads each executable."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def compile_one(b: StepBatch):
+            self._fn.lower(self.params, self.kv, b.inputs, self._prev_tokens, b.from_prev, b.sampling,
+                           all_greedy=b.all_greedy, num_logprobs=b.num_logprobs).compile()
+            self.log(f"compiled tokens={b.inputs['token_ids'].shape[0]}")
+
+        batches = self._warmup_batches()
+        with ThreadPoolExecutor(max(1, min(workers, len(batches)))) as pool:
+            list(pool.map(compile_one, batches))
 
 def _dummy_sampling(S: int) -> dict:
     return dict(temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32), top_p=np.ones(S, np.float32),
