@@ -66,8 +66,9 @@ def default_impl() -> str:
 def grouped_matmul(lhs, rhs, sizes, impl: str | None = None):
     impl = impl or default_impl()
     k, n = rhs.shape[1], rhs.shape[2]
-    if impl == "mgpu" and (k % MGPU_TILES["block_k"] or n % MGPU_TILES["block_n"]):
-        impl = "ragged_dot"  # the kernel tiles K and N exactly
+    if impl == "mgpu" and (k % MGPU_TILES["block_k"] or n % MGPU_TILES["block_n"]
+                           or lhs.dtype not in (jnp.bfloat16, jnp.float16)):
+        impl = "ragged_dot"  # the kernel tiles K and N exactly, and runs 16-bit wgmma only
     if impl == "mgpu":
         return grouped_matmul_mgpu(lhs, rhs, sizes)
     if impl == "reference":
