@@ -76,7 +76,11 @@ def hf_part(preset, quick):
     n = 128 if quick else 1024
     prompts = [rng.integers(100, 32000, 128).tolist() for _ in range(n)]
     try:
-        model.set_attn_implementation("sdpa_paged") if hasattr(model, "set_attn_implementation") else None
+        if hasattr(model, "set_attn_implementation"):  # the name changed across transformers versions
+            try:
+                model.set_attn_implementation("paged|sdpa")
+            except Exception:
+                model.set_attn_implementation("sdpa_paged")
     except Exception as e:  # older/newer names
         print("hf: sdpa_paged not available:", e, flush=True)
     gcb = transformers.GenerationConfig(max_new_tokens=128, min_new_tokens=128, do_sample=False, eos_token_id=None,
@@ -101,8 +105,11 @@ def main():
     ap.add_argument("--part", choices=["kiln", "hf", "all"], default="all")
     ap.add_argument("--attention", default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     a = ap.parse_args()
     extra = {"attention": a.attention} if a.attention else {}
+    if a.gpu_memory_utilization:
+        extra["gpu_memory_utilization"] = a.gpu_memory_utilization
     if a.part != "all":
         res = kiln_part(a.preset, a.quick, extra) if a.part == "kiln" else hf_part(a.preset, a.quick)
         with open(os.path.join(OUT, f"bench_e2e_{a.part}.json"), "w") as f:
