@@ -17,7 +17,7 @@ from kiln.graph.ir import Graph
 from kiln.graph.ops import LowerCtx, REGISTRY
 
 
-def lower(graph: Graph, *, attention: str = "reference", shard=None) -> Callable:
+def lower(graph: Graph, *, attention: str = "auto", shard=None) -> Callable:
     """`shard` (passes/sharding.py) places node outputs and runs attention per kv-head shard."""
     nodes = [(n.name, REGISTRY[n.op].lower, n.inputs, n.attrs, n.type) for n in graph.nodes]
     outputs = list(graph.outputs)
