@@ -112,6 +112,20 @@ def engine_kwargs(args) -> dict:
                 quantization=args.quant, kv_cache_dtype=args.kv_cache_dtype, tp=args.tp, pp=args.pp)
 
 
+def _compiler_options(items: list[str]) -> dict:
+    """NAME=VALUE strings as XLA options (true/false and integers converted)."""
+    from kiln.errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--compiler-option {item!r}: expected NAME=VALUE, e.g. xla_gpu_enable_triton_gemm=false")
+        low = value.lower()
+        out[name] = low == "true" if low in ("true", "false") else int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
 def _cmd_build(args) -> int:
     from kiln.runtime.build import build
     from kiln.runtime.engine_dir import BuildConfig
@@ -124,7 +138,7 @@ def _cmd_build(args) -> int:
                      tp=args.tp, pp=args.pp, max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens,
                      max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
                      num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                     attention=args.attention)
+                     attention=args.attention, compiler_options=_compiler_options(args.compiler_option))
     import shlex
 
     build(model, args.output, bc, log=lambda m: print(m, file=sys.stderr, flush=True),
@@ -242,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("-o", "--output", required=True, help="the engine directory to write")
     bd.add_argument("--random-weights", metavar="PRESET", default=None,
                     help="a checkpoint-free engine of a preset shape (llama-3-8b, llama-3-70b, qwen2.5-7b, ...)")
+    bd.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an XLA option for every step compile, kept with the engine (repeatable), "
+                         "e.g. xla_gpu_enable_triton_gemm=false")
     add_engine_args(bd)
     bd.set_defaults(func=_cmd_build)
 

@@ -1,7 +1,8 @@
 """`kiln build`: checkpoint -> engine directory, stage by stage.
 
-    load config ─► build graph ─► load weights ─► passes ─► save graph, weights, tokenizer
-                ─► compile every shape bucket into the engine's compilation cache ─► commit
+    load config ─► build graph ─► load weights ─► passes ─► save graph, tokenizer
+                ─► compile the decode buckets and the largest into the engine's compilation cache
+                   (while a thread copies the weights to the host and orbax writes them) ─► commit
 
 Each stage reports its time. The KV pool size is fixed here (it is part of the compiled
 shapes): from `num_kv_blocks`, or from `gpu_memory_utilization` of this device's memory.
@@ -47,15 +48,19 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
                       max_model_len=bc.max_model_len, kv_block_size=bc.kv_block_size,
                       num_kv_blocks=bc.num_kv_blocks, gpu_memory_utilization=bc.gpu_memory_utilization,
                       attention=bc.attention, log=log)
+        llm.runner.set_compiler_options(bc.compiler_options)
+        bc.compiler_options = llm.runner.compiler_options  # those this XLA accepted
         bc.passes = list(llm.passes_run)
         bc.num_kv_blocks = llm.runner.num_blocks
         bc.max_model_len = llm.max_model_len
         with stage("save graph and tokenizer, start writing weights"):
             writer.save_graph(llm.graph)
             writer.save_tokenizer(llm.tokenizer)
-            writer.save_weights(llm.params, wait=False)  # written in the background while we compile
-        with stage("compile every shape bucket (parallel)"):
-            llm.runner.precompile()
+            writer.save_weights(llm.params, wait=False)  # copied and written in a thread while we compile
+        batches = llm.runner.build_batches()
+        with stage(f"compile {len(batches)} shape buckets (parallel): tokens "
+                   + ",".join(str(len(b.inputs["token_ids"])) for b in batches)):
+            llm.runner.precompile(batches=batches)
         with stage("finish writing weights"):
             writer.wait()
         writer.write_manifest(config=llm.config.to_json(), build=bc, params=llm.params,

@@ -51,6 +51,7 @@ class BuildConfig:
     num_kv_blocks: int | None = None       # the KV pool (fixed at build: it is part of the compiled shapes)
     gpu_memory_utilization: float = 0.9    # sizes the pool when num_kv_blocks is None
     attention: str = "auto"
+    compiler_options: dict = field(default_factory=dict)  # XLA options of every step compile (in effect)
     passes: list[str] = field(default_factory=list)  # filled by the build: the passes that ran
 
     def to_json(self) -> dict:
@@ -112,19 +113,32 @@ class EngineWriter:
         save(graph, self.tmp / "graph.json")
 
     def save_weights(self, params, *, wait: bool = True):
-        """Write the parameters with orbax; with `wait=False` the write goes on in the
-        background (after a device-to-host copy) until `wait()`."""
+        """Write the parameters with orbax; with `wait=False` the whole write (the
+        device-to-host copy included) goes on in a background thread until `wait()`."""
+        import threading
+
         import orbax.checkpoint as ocp
 
-        self._ckptr = ocp.StandardCheckpointer()
-        self._ckptr.save(self.tmp / "weights", params)
+        def write():
+            try:
+                ckptr = ocp.StandardCheckpointer()
+                ckptr.save(self.tmp / "weights", params)
+                ckptr.wait_until_finished()
+            except BaseException as e:  # re-raised by wait()
+                self._error = e
+
+        self._error = None
+        self._writer = threading.Thread(target=write, name="kiln-save-weights", daemon=True)
+        self._writer.start()
         if wait:
             self.wait()
 
     def wait(self):
-        if getattr(self, "_ckptr", None) is not None:
-            self._ckptr.wait_until_finished()
-            self._ckptr = None
+        if getattr(self, "_writer", None) is not None:
+            self._writer.join()
+            self._writer = None
+            if self._error is not None:
+                raise self._error
 
     def save_tokenizer(self, tokenizer):
         if tokenizer is not None:
@@ -189,21 +203,28 @@ def read_manifest(engine_dir: str | os.PathLike) -> dict:
     return m
 
 
-def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=None):
-    """Restore the parameters. `shardings` (a dict name -> Sharding, or None for the default
-    device) places each array directly; no full copy lands on one device first."""
+def weight_shapes(manifest: dict, shardings=None) -> dict:
+    """The parameters as ShapeDtypeStructs placed on their target shardings (`shardings`: a
+    dict name -> Sharding, or None for the default device)."""
     import jax
     import numpy as np
-    import orbax.checkpoint as ocp
 
-    d = Path(engine_dir)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {}
     for name, (shape, dtype) in manifest["params"].items():
         if "/" in name:
-            raise EngineError(f"{d}: nested parameter {name!r} is not supported by this engine format")
-        s = (shardings or {}).get(name, default)
-        target[name] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=s)
+            raise EngineError(f"nested parameter {name!r} is not supported by this engine format")
+        target[name] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=(shardings or {}).get(name, default))
+    return target
+
+
+def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=None):
+    """Restore the parameters. `shardings` (a dict name -> Sharding, or None for the default
+    device) places each array directly; no full copy lands on one device first."""
+    import orbax.checkpoint as ocp
+
+    d = Path(engine_dir)
+    target = weight_shapes(manifest, shardings)
     rebuild = manifest.get("build_command", "kiln build")
     try:
         params = ocp.StandardCheckpointer().restore(d / "weights", target)

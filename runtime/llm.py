@@ -39,6 +39,30 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str) -> str:
     return DTYPE_NAMES[dtype]
 
 
+class _Background:
+    """fn(*args) in a daemon thread; `result()` joins it and returns (or raises) what it did."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._out = self._err = None
+
+        def run():
+            try:
+                self._out = fn(*args)
+            except BaseException as e:
+                self._err = e
+
+        self._t = threading.Thread(target=run, name="kiln-restore", daemon=True)
+        self._t.start()
+
+    def result(self):
+        self._t.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
+
+
 class LLM:
     """An engine over one model.
 
@@ -85,6 +109,8 @@ class LLM:
                              step_fn=sharded.raw_step if sharded else None,
                              allocate_kv=sharded.allocate_kv_cache if sharded else None,
                              kv_shards=tp * pp, **kw)
+        if is_engine_dir(model):
+            self._finish_engine_load(bc)
         if warmup:
             self.runner.warmup()
         self.engine = Engine(self.runner, tokenizer=self.tokenizer, eos_token_ids=cfg.eos_token_ids,
@@ -112,7 +138,7 @@ class LLM:
     def _load_engine(self, path, attention: str):
         """Restore a `kiln build` engine directory; its compiled steps come from its cache."""
         from kiln.graph import load as load_graph
-        from kiln.runtime.engine_dir import BuildConfig, read_manifest, restore_weights, use_compile_cache
+        from kiln.runtime.engine_dir import BuildConfig, read_manifest, restore_weights, use_compile_cache, weight_shapes
 
         manifest = read_manifest(path)
         use_compile_cache(Path(path) / "compiled")
@@ -128,7 +154,12 @@ class LLM:
 
             self.sharded = shard_model(self.graph, tp=bc.tp, pp=bc.pp, attention=attention)
             shardings = self.sharded.param_shardings if bc.pp == 1 else None
-        self.params = restore_weights(path, manifest, shardings)
+        self._restore = None
+        if self.sharded is None:  # one device: restore in a thread while the runner fetches its executables
+            self._restore = _Background(restore_weights, path, manifest, None)
+            self.params = weight_shapes(manifest)
+        else:
+            self.params = restore_weights(path, manifest, shardings)
         if self.sharded is not None and bc.pp > 1:
             self.params = self.sharded.place(self.params)
         tok = Path(path) / "tokenizer"
@@ -139,6 +170,15 @@ class LLM:
         else:
             self.tokenizer = None
         return bc
+
+    def _finish_engine_load(self, bc) -> None:
+        """The engine's compiler options; its build buckets fetched from the compilation
+        cache in the background (shapes only), while the weights' restore completes."""
+        self.runner.set_compiler_options(bc.compiler_options)
+        if self._restore is not None:
+            self.runner.preload(self.runner.build_batches())
+            self.params = self.runner.params = self._restore.result()
+            self._restore = None
 
     # -- generation
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

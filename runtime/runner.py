@@ -45,7 +45,7 @@ class Runner:
     def __init__(self, graph: Graph, params: dict, *, dtype: str, block_size: int, max_num_seqs: int,
                  max_num_tokens: int, max_model_len: int, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, attention: str = "auto", step_fn=None, allocate_kv=None,
-                 kv_shards: int = 1, log=_log_stderr):
+                 kv_shards: int = 1, log=_log_stderr, compiler_options: dict | None = None):
         self.graph, self.params, self.dtype = graph, params, dtype
         self.block_size, self.max_num_seqs, self.max_num_tokens = block_size, max_num_seqs, max_num_tokens
         self.max_blocks = -(-max_model_len // block_size)
@@ -55,13 +55,32 @@ class Runner:
         self._step = step_fn or lower(graph, attention=attention)
         self._allocate_kv = allocate_kv or (lambda n, bs, dt: allocate_kv_cache(graph, n, bs, dt))
         self.kv_shards = kv_shards
-        self._fn = jax.jit(self._fused, donate_argnums=(1,), static_argnames=("all_greedy", "num_logprobs"))
+        self.set_compiler_options(compiler_options)
         self._compiled: set = set()
+        self._executables: dict = {}   # shape key -> compiled step (fetched from the persistent cache if there)
+        self._pending: dict = {}       # shape key -> Future of a background fetch (`preload`)
         self.compile_seconds = 0.0
         self.num_blocks = num_kv_blocks or self._blocks_from_memory(gpu_memory_utilization)
         self.kv = self._allocate_kv(self.num_blocks, block_size, dtype)
+        self._kv_like = _abstract(self.kv)
         self._prev_tokens = jnp.zeros(max_num_seqs, jnp.int32)
         self._prev_step = -1
+
+    def set_compiler_options(self, options: dict | None) -> None:
+        """XLA options for every step compile (part of the compilation-cache key, so an engine
+        loads with the options it was built with). Options this XLA does not know are
+        dropped with a message; `self.compiler_options` holds those in effect."""
+        options = dict(options or {})
+        if options:
+            try:
+                jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+            except Exception as e:  # an unknown option name or value, or a jax without the argument
+                self.log(f"compiler options {options} not applied ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})")
+                options = {}
+        self.compiler_options = options
+        kw = {"compiler_options": options} if options else {}
+        self._fn = jax.jit(self._fused, donate_argnums=(1,), static_argnames=("all_greedy", "num_logprobs"), **kw)
+        self._executables, self._pending = {}, {}
 
     # -- memory
     def _blocks_from_memory(self, utilization: float) -> int:
@@ -137,8 +156,13 @@ class Runner:
             t0 = time.perf_counter()
         if batch.from_prev.max() >= 0:
             assert self._prev_step == batch.step - 1, "a pending token must come from the step just before"
-        self.kv, out = self._fn(self.params, self.kv, batch.inputs, self._prev_tokens, batch.from_prev,
-                                batch.sampling, all_greedy=batch.all_greedy, num_logprobs=batch.num_logprobs)
+        fn = self._executable(batch)
+        args = (self.params, self.kv, batch.inputs, self._prev_tokens, batch.from_prev, batch.sampling)
+        try:
+            self.kv, out = fn(*args)
+        except (TypeError, ValueError):  # a batch whose structure the key does not capture: jit it
+            self._executables.pop(key, None)
+            self.kv, out = self._fn(*args, all_greedy=batch.all_greedy, num_logprobs=batch.num_logprobs)
         if first:
             out["tokens"].block_until_ready()
             self.compile_seconds += time.perf_counter() - t0
@@ -167,26 +191,75 @@ class Runner:
                 return out
             T *= 2
 
+    # -- executables: lowered from shapes only, so they can be fetched before the weights arrive
+    # (one device only: a sharded step keeps jit's own dispatch, whose shardings follow the arrays)
+    def _lower_compile(self, b: StepBatch):
+        if self.kv_shards > 1:
+            return self._fn.lower(self.params, self.kv, b.inputs, self._prev_tokens, b.from_prev, b.sampling,
+                                  all_greedy=b.all_greedy, num_logprobs=b.num_logprobs).compile()
+        prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        return self._fn.lower(_abstract(self.params), self._kv_like, b.inputs, prev, b.from_prev,
+                              b.sampling, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs).compile()
+
+    def _executable(self, b: StepBatch):
+        key = b.shape_key
+        if self.kv_shards > 1:
+            return lambda *args: self._fn(*args, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
+        fn = self._executables.get(key)
+        if fn is None:
+            fut = self._pending.pop(key, None)
+            if fut is not None and not fut.cancel():  # being fetched in the background: wait for it
+                fn = fut.result()
+            else:
+                fn = self._lower_compile(b)
+            self._executables[key] = fn
+        return fn
+
+    def preload(self, batches: list[StepBatch]) -> None:
+        """Fetch the executables of `batches` in one background thread, in order (from the
+        persistent compilation cache when it holds them): `LLM(ENGINE_DIR)` runs this while
+        the weights are restored; `params` may still be abstract (shapes and shardings)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-preload")
+        for b in batches:
+            if b.shape_key not in self._executables and b.shape_key not in self._pending:
+                self._pending[b.shape_key] = pool.submit(self._lower_compile, b)
+        pool.shutdown(wait=False)
+
+    def build_batches(self) -> list[StepBatch]:
+        """The buckets an engine build compiles: every decode bucket (up to max_num_seqs
+        tokens) and the largest; the others compile on first use (into the engine's cache
+        when it is writable)."""
+        batches = self._warmup_batches()
+        decode = bucket(self.max_num_seqs, 16)
+        return [b for b in batches[:-1] if len(b.inputs["token_ids"]) <= decode] + batches[-1:]
+
     def warmup(self) -> None:
         """Compile the greedy step for every token bucket now, not on first use."""
         for b in self._warmup_batches():
             self.execute(b)
         self._prev_step = -1
 
-    def precompile(self, workers: int = 8) -> None:
-        """Compile every token bucket in parallel threads (XLA compiles outside the GIL),
-        without running them: what `kiln build` uses to fill the persistent compilation
-        cache, from which a later `execute` loads each executable."""
+    def precompile(self, workers: int = 8, batches: list[StepBatch] | None = None) -> None:
+        """Compile `batches` (default: every token bucket) in parallel threads (XLA compiles
+        outside the GIL), without running them: what `kiln build` uses to fill the persistent
+        compilation cache, from which a later `execute` loads each executable."""
         from concurrent.futures import ThreadPoolExecutor
 
         def compile_one(b: StepBatch):
-            self._fn.lower(self.params, self.kv, b.inputs, self._prev_tokens, b.from_prev, b.sampling,
-                           all_greedy=b.all_greedy, num_logprobs=b.num_logprobs).compile()
+            self._executables[b.shape_key] = self._lower_compile(b)
             self.log(f"compiled tokens={b.inputs['token_ids'].shape[0]}")
 
-        batches = self._warmup_batches()
+        batches = self._warmup_batches() if batches is None else batches
         with ThreadPoolExecutor(max(1, min(workers, len(batches)))) as pool:
             list(pool.map(compile_one, batches))
+
+def _abstract(tree):
+    """Shapes, dtypes and shardings of a tree of arrays (or of ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+                                  if hasattr(a, "shape") else a, tree)
+
 
 def _dummy_sampling(S: int) -> dict:
     return dict(temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32), top_p=np.ones(S, np.float32),

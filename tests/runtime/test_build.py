@@ -17,6 +17,7 @@ PROMPTS = [[5, 17, 42, 99, 3], [250, 11, 7]]
 SP = SamplingParams(max_tokens=10, temperature=0)
 ENGINE_ARGS = ["--dtype", "float32", "--num-kv-blocks", "48", "--max-num-seqs", "4", "--max-num-tokens", "32",
                "--max-model-len", "128", "--attention", "reference"]
+OPTS = ["--compiler-option", "xla_gpu_enable_triton_gemm=false"]  # a GPU option: in the cache key on the CPU too
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def built(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("build_src")
     make_hf_checkpoint("qwen2", ckpt)
     engine = tmp_path_factory.mktemp("engines") / "qwen2-engine"
-    assert main(["build", str(ckpt), "-o", str(engine)] + ENGINE_ARGS) == 0
+    assert main(["build", str(ckpt), "-o", str(engine)] + ENGINE_ARGS + OPTS) == 0
     return ckpt, engine
 
 
@@ -37,6 +38,7 @@ def test_engine_dir_layout_and_same_outputs(built):
     assert {p.name for p in engine.iterdir()} >= {"engine.json", "graph.json", "weights", "tokenizer", "compiled"}
     m = json.loads((engine / "engine.json").read_text())
     assert m["build"]["passes"] and m["environment"]["jax"] and m["mesh"] == {"tp": 1, "pp": 1}
+    assert m["build"]["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
     assert any((engine / "compiled").iterdir())
     ref = LLM(str(ckpt), dtype="float32", num_kv_blocks=48, max_num_seqs=4, max_num_tokens=32, max_model_len=128,
               attention="reference")
@@ -128,3 +130,17 @@ def test_killed_build_leaves_nothing_that_loads(tmp_path, monkeypatch, built):
         from kiln.runtime.engine_dir import read_manifest
 
         read_manifest(out)
+
+
+def test_build_buckets_and_compiler_options(built):
+    """A build compiles the decode buckets (up to max_num_seqs tokens) and the largest; an
+    option this XLA does not know is dropped, not fatal."""
+    eng = LLM(str(built[1]))
+    r = eng.runner
+    assert r.compiler_options == {"xla_gpu_enable_triton_gemm": False}
+    r.max_num_seqs, r.max_num_tokens = 20, 256
+    assert [len(b.inputs["token_ids"]) for b in r.build_batches()] == [16, 32, 256]
+    assert [len(b.inputs["token_ids"]) for b in r._warmup_batches()] == [16, 32, 64, 128, 256]
+    r.set_compiler_options({"xla_no_such_option_here": 1})
+    assert r.compiler_options == {}
+    assert _tokens(eng) == _tokens(LLM(str(built[1])))
