@@ -2,7 +2,7 @@
 
     load config ─► build graph ─► load weights ─► passes ─► save graph, tokenizer
                 ─► compile the decode buckets and the largest into the engine's compilation cache
-                   (while a thread copies the weights to the host and orbax writes them) ─► commit
+                   (while orbax writes the weights from the host) ─► commit
 
 Each stage reports its time. The KV pool size is fixed here (it is part of the compiled
 shapes): from `num_kv_blocks`, or from `gpu_memory_utilization` of this device's memory.
@@ -56,7 +56,7 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
         with stage("save graph and tokenizer, start writing weights"):
             writer.save_graph(llm.graph)
             writer.save_tokenizer(llm.tokenizer)
-            writer.save_weights(llm.params, wait=False)  # copied and written in a thread while we compile
+            writer.save_weights(llm.params, wait=False)  # written in the background while we compile
         batches = llm.runner.build_batches()
         with stage(f"compile {len(batches)} shape buckets (parallel): tokens "
                    + ",".join(str(len(b.inputs["token_ids"])) for b in batches)):

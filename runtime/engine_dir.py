@@ -113,32 +113,20 @@ class EngineWriter:
         save(graph, self.tmp / "graph.json")
 
     def save_weights(self, params, *, wait: bool = True):
-        """Write the parameters with orbax; with `wait=False` the whole write (the
-        device-to-host copy included) goes on in a background thread until `wait()`."""
-        import threading
-
+        """Write the parameters with orbax; with `wait=False` the write goes on in the
+        background until `wait()`, after the device-to-host copy (done here: copying while
+        the build compiles ran the H100 out of memory for the Llama-3-8B shape)."""
         import orbax.checkpoint as ocp
 
-        def write():
-            try:
-                ckptr = ocp.StandardCheckpointer()
-                ckptr.save(self.tmp / "weights", params)
-                ckptr.wait_until_finished()
-            except BaseException as e:  # re-raised by wait()
-                self._error = e
-
-        self._error = None
-        self._writer = threading.Thread(target=write, name="kiln-save-weights", daemon=True)
-        self._writer.start()
+        self._ckptr = ocp.StandardCheckpointer()
+        self._ckptr.save(self.tmp / "weights", params)
         if wait:
             self.wait()
 
     def wait(self):
-        if getattr(self, "_writer", None) is not None:
-            self._writer.join()
-            self._writer = None
-            if self._error is not None:
-                raise self._error
+        if getattr(self, "_ckptr", None) is not None:
+            self._ckptr.wait_until_finished()
+            self._ckptr = None
 
     def save_tokenizer(self, tokenizer):
         if tokenizer is not None:
