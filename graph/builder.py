@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 
 from kiln.errors import GraphError
-from kiln.graph.ir import STEP_INPUTS, Graph, KVLayer, Node, Param, TensorType
+from kiln.graph.ir import STEP_INPUTS, Graph, KVLayer, Node, Param, TensorType, fresh_name
 from kiln.graph.ops import ShapeError, get_op
 
 
@@ -60,12 +60,7 @@ class Builder:
         return ".".join(self._prefix + [name])
 
     def _fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return fresh_name(base, self._names)
 
     # -- declarations
     def input(self, name: str) -> Value:

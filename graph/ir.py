@@ -22,6 +22,16 @@ Dim = Union[int, str]
 DTYPES = ("float32", "bfloat16", "float16", "int32", "int8", "uint8", "int4", "float8_e4m3fn", "bool")
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `taken`, which it is added to."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
 @dataclass(frozen=True)
 class TensorType:
     shape: tuple[Dim, ...]

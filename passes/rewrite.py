@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kiln.errors import GraphError
-from kiln.graph.ir import Graph, Node, Param, TensorType
+from kiln.graph.ir import Graph, Node, Param, TensorType, fresh_name
 from kiln.graph.ops import ShapeError, get_op
 
 # ops whose node must run even when nothing reads its output (they write the KV cache)
@@ -184,12 +184,7 @@ class Rewriter:
         return self.uses.get(name, 0) == 1
 
     def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return fresh_name(base, self._names)
 
     def param(self, name: str, shape, dtype: str, axes, init: str = "normal", **init_args) -> str:
         if name in self.params:
