@@ -5,7 +5,7 @@
     part(y[2, ...], index)                     -> y[index]
     qkv_attention(qkv[T, KVH, G+2, D], ctx..)  -> rope(q), rope(k), v split from qkv, then attention
     rope_attention(q, k, v, ctx..)             -> attention(rope(q), rope(k), v)
-    qlinear(x, w_q, scale[, bias][, smooth])   -> x @ dequant(w_q, scale) (+ bias)
+    qlinear(x, w_q, scale[, min][, bias][, smooth]) -> x @ dequant(w_q, scale[, min]) (+ bias); min: int4 only
 
 Registered into the one op registry on import (kiln.graph imports this module, so any graph
 that is verified or lowered knows them).
@@ -136,6 +136,8 @@ def _qlinear_shape(attrs, x, w, scale, *extras):
         _require(w.dtype == "uint8" and 2 * w.shape[0] == n_in, f"int4 weight must be u8[{n_in // 2}, ...] (packed), got {w}")
         _require(n_in % g == 0 and scale.shape == (n_in // g,) + out,
                  f"int4 scale {scale} must be [{n_in} / group {g}, *{out}]")
+        _require(len(extras) >= 1 and extras[0].shape == scale.shape, f"int4 needs a min of the scale's shape {scale}")
+        extras = extras[1:]
     has_bias, has_smooth = attrs.get("bias", False), attrs.get("smooth", False)
     _require(len(extras) == has_bias + has_smooth, f"qlinear expects bias={has_bias}, smooth={has_smooth} inputs")
     if has_bias:
@@ -147,9 +149,9 @@ def _qlinear_shape(attrs, x, w, scale, *extras):
 
 
 def unpack_int4(w, dtype):
-    """u8[K/2, ...] (row 2i in the low nibble, 2i+1 in the high, both stored +8) -> dtype[K, ...]."""
-    lo = (w & 0xF).astype(jnp.int8) - 8
-    hi = (w >> 4).astype(jnp.int8) - 8
+    """u8[K/2, ...] (row 2i in the low nibble, 2i+1 in the high) -> dtype[K, ...], codes 0..15."""
+    lo = w & 0xF
+    hi = w >> 4
     return jnp.stack([lo, hi], axis=1).reshape((2 * w.shape[0],) + w.shape[1:]).astype(dtype)
 
 
@@ -161,6 +163,8 @@ FP8_W8A8_MIN_TOKENS = 256
 
 def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None, bias=False, smooth=False,
                    w8a8_min_tokens=None):
+    if mode == "int4_wo":
+        minimum, extras = extras[0], extras[1:]
     if smooth:
         x = x * extras[-1].astype(x.dtype)  # AWQ: x / s, the s folded into the weight
     out = w.shape[1:]
@@ -184,7 +188,8 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
     else:
         g = group_size
         wd = unpack_int4(w.reshape(in_features // 2, n_out), x.dtype).reshape(in_features // g, g, n_out)
-        wd = (wd * scale.reshape(in_features // g, 1, n_out).astype(x.dtype)).reshape(in_features, n_out)
+        wd = (wd * scale.reshape(in_features // g, 1, n_out).astype(x.dtype)
+              + minimum.reshape(in_features // g, 1, n_out).astype(x.dtype)).reshape(in_features, n_out)
         y = jnp.matmul(x2, wd)
     y = y.reshape(lead + out)
     if bias:
@@ -192,6 +197,6 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
     return y
 
 
-register_op("qlinear", _qlinear_shape, _qlinear_lower, inputs=(3, 5))
+register_op("qlinear", _qlinear_shape, _qlinear_lower, inputs=(3, 6))
 
 MATMUL_OPS = ("linear", "qlinear")

@@ -3,7 +3,8 @@
     mode      weight stored as                     scale                       activations
     fp8       f8e4m3 [in, *out]                    f32 [*out]   per channel    f8e4m3, dynamic per token
     int8_wo   i8     [in, *out]                    f32 [*out]   per channel    as they are
-    int4_wo   u8     [in / 2, *out] (2 per byte)   f32 [in / g, *out], g = 128  as they are
+    int4_wo   u8     [in / 2, *out] (2 per byte)   f16 scale and min [in / g, *out],  as they are
+                                                   g = 128 (options: int4_group_size)
 
 Scales carry the logical axes of their weight's output dims (int4's group dim carries the
 weight's input axis), so the sharding rules split them with their weights. Weights under
@@ -60,39 +61,47 @@ def quantize_int8(w):
     return q, scale.astype(xp.float32)
 
 
-def int4_group(n_in: int) -> int | None:
-    """128, or the largest power of two below it that divides `n_in` (None if `n_in` is odd)."""
-    g = INT4_GROUP
+def int4_group(n_in: int, group: int | None = None) -> int | None:
+    """`group` (default INT4_GROUP), or the largest power of two below it that divides `n_in`
+    (None if `n_in` is odd)."""
+    g = group or INT4_GROUP
     while g >= 2 and n_in % g:
         g //= 2
     return g if g >= 2 else None
 
 
 def quantize_int4(w, group: int):
-    """w [in, *out] -> (u8 [in / 2, *out], f32 scale [in / group, *out]); symmetric in [-8, 7],
-    rows 2i / 2i + 1 in the low / high nibble, each stored + 8."""
+    """w [in, *out] -> (u8 [in / 2, *out], f16 scale [in / group, *out], f16 min [in / group, *out]);
+    asymmetric per group: w ~= q * scale + min with q in [0, 15] (the group's min and max both
+    representable), rows 2i / 2i + 1 in the low / high nibble."""
     xp = array_module(w)
     n_in, out = w.shape[0], w.shape[1:]
     wf = w.astype(xp.float32).reshape((n_in // group, group) + out)
-    scale = xp.maximum(xp.max(xp.abs(wf), axis=1), 1e-12) / 7.0                 # [in / g, *out]
-    q = xp.clip(xp.round(wf / scale[:, None]), -8, 7).astype(xp.int32) + 8
+    lo, hi = xp.min(wf, axis=1), xp.max(wf, axis=1)                              # [in / g, *out]
+    # the stored (f16) scale and min are the ones the codes are computed against
+    scale = (xp.maximum(hi - lo, 1e-8) / 15.0).astype(xp.float16).astype(xp.float32)
+    lo = lo.astype(xp.float16).astype(xp.float32)
+    q = xp.clip(xp.round((wf - lo[:, None]) / scale[:, None]), 0, 15).astype(xp.int32)
     q = q.reshape((n_in // 2, 2) + out)
     packed = (q[:, 0] | (q[:, 1] << 4)).astype(xp.uint8)
-    return packed, scale.astype(xp.float32)
+    return packed, scale.astype(xp.float16), lo.astype(xp.float16)
 
 
-def dequantize(mode: str, q, scale, group: int | None = None) -> np.ndarray:
-    """The float weight [in, *out] a quantized one stands for (host numpy; for tests and AWQ)."""
+def dequantize(mode: str, q, scale, minimum=None, group: int | None = None) -> np.ndarray:
+    """The float weight [in, *out] a quantized one stands for (host numpy; for tests and AWQ):
+    `dequantize(mode, *quantize_weight(mode, w, group), group=group)`."""
     q, scale = np.asarray(q), np.asarray(scale, np.float32)
     if mode in ("fp8", "int8_wo"):
         return q.astype(np.float32) * scale
-    lo = (q & 0xF).astype(np.int32) - 8
-    hi = (q >> 4).astype(np.int32) - 8
-    w = np.stack([lo, hi], axis=1).reshape((2 * q.shape[0],) + q.shape[1:]).astype(np.float32)
-    return (w.reshape((w.shape[0] // group, group) + w.shape[1:]) * scale[:, None]).reshape(w.shape)
+    lo = (q & 0xF).astype(np.float32)
+    hi = (q >> 4).astype(np.float32)
+    w = np.stack([lo, hi], axis=1).reshape((2 * q.shape[0],) + q.shape[1:])
+    w = w.reshape((w.shape[0] // group, group) + w.shape[1:]) * scale[:, None] + np.asarray(minimum, np.float32)[:, None]
+    return w.reshape((2 * q.shape[0],) + q.shape[1:])
 
 
 def quantize_weight(mode: str, w, group: int | None = None):
+    """(q, scale) for fp8 / int8_wo, (q, scale, min) for int4_wo."""
     if mode == "fp8":
         return quantize_fp8(w)
     if mode == "int8_wo":
@@ -114,8 +123,8 @@ def awq_search(mode: str, w: np.ndarray, x: np.ndarray, group: int | None = None
     for alpha in AWQ_ALPHAS:
         s = mean_abs ** alpha
         s = s / np.sqrt(s.max() * s.min())
-        q, scale = quantize_weight(mode, w2 * s[:, None], group)
-        err = float(np.square((x / s) @ dequantize(mode, q, scale, group) - ref).sum())
+        parts = quantize_weight(mode, w2 * s[:, None], group)
+        err = float(np.square((x / s) @ dequantize(mode, *parts, group=group) - ref).sum())
         if best_err is None or err < best_err:
             best, best_err = (None if alpha == 0 else s), err
     return best
@@ -160,52 +169,65 @@ def _base(w: str) -> str:
     return w[:-2] if w.endswith(".w") else w
 
 
-def _rewrite(mode: str, smooth: dict):
+def weight_mode(mode: str, name: str, keep_int8=()) -> str:
+    """The mode one weight gets: int4_wo weights named by a `keep_int8` substring are int8_wo
+    (mixed precision, as llama.cpp's Q4_K_M keeps its most sensitive projections wider)."""
+    return "int8_wo" if mode == "int4_wo" and any(k in name for k in keep_int8) else mode
+
+
+def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8):
     def rewrite(rw: Rewriter, m: Match):
         wt = rw.type_of(m.w)
         n_in, out = wt.shape[0], wt.shape[1:]
-        group = int4_group(n_in) if mode == "int4_wo" else None
-        if mode == "int4_wo" and group is None:
+        wmode = weight_mode(mode, m.w, keep_int8)
+        group = int4_group(n_in, group_size) if wmode == "int4_wo" else None
+        if wmode == "int4_wo" and group is None:
             return False
         s = smooth.get(m.w)
         in_axis, out_axes = wt.axes[0], wt.axes[1:]
-        if mode == "int4_wo":
-            scale_shape, scale_axes = (n_in // group,) + out, (in_axis,) + out_axes
+        if wmode == "int4_wo":
+            scale_shape, scale_axes, scale_dtype = (n_in // group,) + out, (in_axis,) + out_axes, "float16"
             rw.retype_param(m.w, (n_in // 2,) + out, "uint8", init="zeros")
         else:
-            scale_shape, scale_axes = out, out_axes
-            rw.retype_param(m.w, wt.shape, "float8_e4m3fn" if mode == "fp8" else "int8", init="zeros")
-        scale = rw.param(_base(m.w) + ".scale", scale_shape, "float32", scale_axes, init="ones")
+            scale_shape, scale_axes, scale_dtype = out, out_axes, "float32"
+            rw.retype_param(m.w, wt.shape, "float8_e4m3fn" if wmode == "fp8" else "int8", init="zeros")
+        codec = [rw.param(_base(m.w) + ".scale", scale_shape, scale_dtype, scale_axes, init="ones")]
+        if wmode == "int4_wo":
+            codec.append(rw.param(_base(m.w) + ".min", scale_shape, scale_dtype, scale_axes, init="zeros"))
         extra = [m.get("b")] if m.get("b") is not None else []
         if s is not None:
             extra.append(rw.param(_base(m.w) + ".smooth", (n_in,), wt.dtype, (in_axis,), init="ones"))
 
             def fn(w, s=s):
                 xp = array_module(w)
-                q, sc = quantize_weight(mode, w * xp.asarray(s, w.dtype).reshape((-1,) + (1,) * (w.ndim - 1)), group)
-                return q, sc, xp.asarray(1.0 / s, w.dtype)
-            rw.weights([m.w, scale, extra[-1]], [m.w], fn)
+                parts = quantize_weight(wmode, w * xp.asarray(s, w.dtype).reshape((-1,) + (1,) * (w.ndim - 1)), group)
+                return (*parts, xp.asarray(1.0 / s, w.dtype))
+            rw.weights([m.w, *codec, extra[-1]], [m.w], fn)
         else:
-            rw.weights([m.w, scale], [m.w], lambda w: quantize_weight(mode, w, group))
-        attrs = dict(mode=mode, in_features=n_in, bias=m.get("b") is not None, smooth=s is not None)
+            rw.weights([m.w, *codec], [m.w], lambda w: quantize_weight(wmode, w, group))
+        attrs = dict(mode=wmode, in_features=n_in, bias=m.get("b") is not None, smooth=s is not None)
         if group:
             attrs["group_size"] = group
         lin = m.node("lin")
-        rw.replace(lin.name, rw.node("qlinear", m.x, m.w, scale, *extra, name=lin.name + ".q", **attrs))
+        rw.replace(lin.name, rw.node("qlinear", m.x, m.w, *codec, *extra, name=lin.name + ".q", **attrs))
     return rewrite
 
 
-def quantize_rules(mode: str, exclude=("lm_head",), smooth: dict | None = None) -> list[Rule]:
+def quantize_rules(mode: str, exclude=("lm_head",), smooth: dict | None = None, group_size: int | None = None,
+                   keep_int8=()) -> list[Rule]:
     return [
-        # linear(x, w[in, *out]) -> qlinear(x, w_q, scale){mode}   (w_q f8e4m3 | i8 | u8-packed int4)
+        # linear(x, w[in, *out]) -> qlinear(x, w_q, scale[, min]){mode}   (w_q f8e4m3 | i8 | u8-packed int4)
         Rule(f"quantize_{mode}", Pat("linear", Any_("x"), Param_("w", where=_quantizable(exclude)),
-                                     Param_("b", optional=True), name="lin"), _rewrite(mode, smooth or {})),
+                                     Param_("b", optional=True), name="lin"),
+             _rewrite(mode, smooth or {}, group_size, tuple(keep_int8))),
     ]
 
 
-def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm_head",), calibration=None) -> RewriteResult:
+def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm_head",), calibration=None,
+                   group_size: int | None = None, keep_int8=()) -> RewriteResult:
     """The quantization rewrite; with `calibration` prompts (and weights), AWQ scales for
-    the weight-only modes."""
+    the weight-only modes. int4_wo: `group_size` (default INT4_GROUP, halved until it divides
+    the input dim); weights named by a `keep_int8` substring are int8_wo instead."""
     if mode not in QUANT_MODES:
         raise ValueError(mode)
     smooth = {}
@@ -215,17 +237,19 @@ def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm
                    if n.op == "linear" and n.inputs[1] in graph.params and ok(graph.params[n.inputs[1]])]
         acts = collect_activations(graph, params, calibration, sorted({x for x, _ in targets}))
         for x, w in targets:
+            wmode = weight_mode(mode, w, keep_int8)
             n_in = graph.params[w].type.shape[0]
-            group = int4_group(n_in) if mode == "int4_wo" else None
-            if mode == "int8_wo" or group:
-                s = awq_search(mode, np.asarray(params[w], np.float32), acts[x], group)
+            group = int4_group(n_in, group_size) if wmode == "int4_wo" else None
+            if wmode == "int8_wo" or group:
+                s = awq_search(wmode, np.asarray(params[w], np.float32), acts[x], group)
                 if s is not None:
                     smooth[w] = s
-    return apply_rules(graph, quantize_rules(mode, exclude, smooth), max_sweeps=1)
+    return apply_rules(graph, quantize_rules(mode, exclude, smooth, group_size, keep_int8), max_sweeps=1)
 
 
 def quantize_pass(mode: str):
     from kiln.passes.pipeline import Pass
 
     return Pass(f"quantize_{mode}", lambda g, ctx: quantize_graph(
-        g, ctx.params, mode, exclude=ctx.options.quantize_exclude, calibration=ctx.options.calibration))
+        g, ctx.params, mode, exclude=ctx.options.quantize_exclude, calibration=ctx.options.calibration,
+        group_size=ctx.options.int4_group_size, keep_int8=ctx.options.int4_keep_int8))

@@ -34,8 +34,9 @@ def _dequantized_params(gq, pq, p_float):
     for n in gq.nodes:
         if n.op != "qlinear":
             continue
-        w, scale = n.inputs[1], n.inputs[2]
-        deq = qz.dequantize(n.attrs["mode"], pq[w], pq[scale], n.attrs.get("group_size"))
+        nc = 3 if n.attrs["mode"] == "int4_wo" else 2  # int4: weight, scale, min
+        deq = qz.dequantize(n.attrs["mode"], *[pq[i] for i in n.inputs[1:1 + nc]], group=n.attrs.get("group_size"))
+        w = n.inputs[1]
         if n.attrs["smooth"]:
             deq = deq * np.asarray(pq[n.inputs[-1]], np.float32).reshape((-1,) + (1,) * (deq.ndim - 1))
         ref[w] = deq.astype(np.float32)
@@ -74,8 +75,8 @@ def test_qlinear_against_numpy(mode):
     x = rng.normal(size=(5, 256)).astype(np.float32)
     w = rng.normal(size=(256, 2, 48)).astype(np.float32) * 0.05
     group = 128 if mode == "int4_wo" else None
-    q, scale = qz.quantize_weight(mode, w, group)
-    wd = qz.dequantize(mode, q, scale, group)
+    parts = qz.quantize_weight(mode, w, group)
+    wd = qz.dequantize(mode, *parts, group=group)
     if mode == "fp8" and not small_m:  # per-token activation scale, rounded to e4m3
         sa = np.abs(x).max(axis=1, keepdims=True) / 448.0
         xr = (x / sa).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * sa
@@ -85,13 +86,14 @@ def test_qlinear_against_numpy(mode):
     attrs = dict(mode=mode, in_features=256, bias=False, smooth=False, **({"group_size": group} if group else {}))
     if mode == "fp8" and not small_m:
         attrs["w8a8_min_tokens"] = 0
-    got = jax.jit(lambda a, b, c: REGISTRY["qlinear"].lower(None, a, b, c, **attrs))(x, jnp.asarray(q), jnp.asarray(scale))
+    got = jax.jit(lambda a, *c: REGISTRY["qlinear"].lower(None, a, *c, **attrs))(x, *map(jnp.asarray, parts))
     assert got.shape == (5, 2, 48)
     assert rel_err(got, want) < 1e-5
     # the same codecs on device arrays give the same bits
-    qd, sd = qz.quantize_weight(mode, jnp.asarray(w), group)
-    np.testing.assert_array_equal(np.asarray(qd).view(np.uint8), np.asarray(q).view(np.uint8))
-    np.testing.assert_allclose(np.asarray(sd), scale, rtol=1e-6)
+    dev = qz.quantize_weight(mode, jnp.asarray(w), group)
+    np.testing.assert_array_equal(np.asarray(dev[0]).view(np.uint8), np.asarray(parts[0]).view(np.uint8))
+    for a, b in zip(dev[1:], parts[1:]):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -99,13 +101,16 @@ def test_codec_error_bounds(mode):
     """Round trip error per weight: half a step for the integer codes, e4m3's 2^-4 relative for fp8."""
     w = np.random.default_rng(1).normal(size=(256, 3, 40)).astype(np.float32)
     group = 128 if mode == "int4_wo" else None
-    q, scale = qz.quantize_weight(mode, w, group)
-    err = np.abs(qz.dequantize(mode, q, scale, group) - w)
+    parts = qz.quantize_weight(mode, w, group)
+    q, scale = parts[0], np.asarray(parts[1], np.float32)
+    err = np.abs(qz.dequantize(mode, *parts, group=group) - w)
     if mode == "fp8":
         assert np.all(err <= np.maximum(np.abs(w) * 2.0 ** -4, scale * 2.0 ** -9) + 1e-7)
-    else:
-        step = scale if mode == "int8_wo" else np.repeat(scale, 128, axis=0)
-        assert np.all(err <= step / 2 + 1e-6)
+    elif mode == "int8_wo":
+        assert np.all(err <= scale / 2 + 1e-6)
+    else:  # asymmetric: half a step, plus what rounding the group's min to f16 moves (2^-11 of it)
+        lo = np.repeat(np.asarray(parts[2], np.float32), 128, axis=0)
+        assert np.all(err <= np.repeat(scale, 128, axis=0) / 2 + np.abs(lo) * 2.0 ** -11 + 1e-6)
     assert np.asarray(q).nbytes == w.size // (2 if mode == "int4_wo" else 1)
 
 
@@ -118,8 +123,8 @@ def test_awq_search_lowers_error_on_outlier_channels():
     assert s is not None
 
     def err(scale):
-        q, sc = qz.quantize_int4(w * scale[:, None], 128)
-        return np.square((x / scale) @ qz.dequantize("int4_wo", q, sc, 128) - x @ w).sum()
+        parts = qz.quantize_int4(w * scale[:, None], 128)
+        return np.square((x / scale) @ qz.dequantize("int4_wo", *parts, group=128) - x @ w).sum()
     assert err(s) < 0.8 * err(np.ones(256, np.float32))
 
 
