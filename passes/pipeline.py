@@ -32,7 +32,7 @@ class PipelineOptions:
     quantization: str | None = None            # fp8 | int8_wo | int4_wo
     kv_cache_dtype: str | None = None          # fp8
     calibration: Sequence[Sequence[int]] | None = None   # token-id prompts for AWQ (int4_wo / int8_wo)
-    quantize_exclude: tuple[str, ...] = ("lm_head",)     # weight-name prefixes left unquantized
+    quantize_exclude: tuple[str, ...] = ("lm_head", "router")  # weight-name prefixes or components left in float
     int4_group_size: int | None = None                   # int4_wo group (None: quantize.INT4_GROUP)
     int4_keep_int8: tuple[str, ...] = ()                 # int4_wo: weights named by these stay int8_wo
     extra_passes: list["Pass"] = field(default_factory=list)  # run after quantization (sharding ...)

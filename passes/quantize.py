@@ -8,7 +8,8 @@
 
 Scales carry the logical axes of their weight's output dims (int4's group dim carries the
 weight's input axis), so the sharding rules split them with their weights. Weights under
-`quantize_exclude` (default: the lm_head) stay in float.
+`quantize_exclude` (default: the lm_head and MoE routers, whose top-k choice a rounded
+logit can flip, as vLLM and TensorRT-LLM keep them) stay in float.
 
 AWQ (int8_wo / int4_wo with `calibration` prompts): per input channel, the weight is scaled
 up by s = mean|x|^alpha before rounding and the input is scaled down by 1/s (a `smooth`
@@ -162,7 +163,7 @@ def collect_activations(graph: Graph, params: dict, prompts, names: list[str], *
 
 def _quantizable(exclude):
     return lambda p: p.type.rank >= 2 and p.type.dtype in ("float32", "bfloat16", "float16") and \
-        not any(p.name.startswith(e) for e in exclude)
+        not any(p.name.startswith(e) or f".{e}." in f".{p.name}" for e in exclude)
 
 
 def _base(w: str) -> str:
@@ -213,7 +214,7 @@ def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8):
     return rewrite
 
 
-def quantize_rules(mode: str, exclude=("lm_head",), smooth: dict | None = None, group_size: int | None = None,
+def quantize_rules(mode: str, exclude=("lm_head", "router"), smooth: dict | None = None, group_size: int | None = None,
                    keep_int8=()) -> list[Rule]:
     return [
         # linear(x, w[in, *out]) -> qlinear(x, w_q, scale[, min]){mode}   (w_q f8e4m3 | i8 | u8-packed int4)
@@ -223,7 +224,7 @@ def quantize_rules(mode: str, exclude=("lm_head",), smooth: dict | None = None, 
     ]
 
 
-def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm_head",), calibration=None,
+def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm_head", "router"), calibration=None,
                    group_size: int | None = None, keep_int8=()) -> RewriteResult:
     """The quantization rewrite; with `calibration` prompts (and weights), AWQ scales for
     the weight-only modes. int4_wo: `group_size` (default INT4_GROUP, halved until it divides

@@ -95,3 +95,17 @@ def test_expert_parallel_never_gathers_expert_weights(family):
     hlo = model.lower_text(model.params, model.allocate_kv_cache(64, 4, "float32"), inputs)
     gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", hlo)
     assert gathered and all(dt == "s32" or dims == "2,320" for dt, dims in gathered), gathered
+
+
+def test_fp8_keeps_the_router_in_float(family):
+    """Quantization leaves MoE routers in float (a rounded router logit flips the top-k
+    choice): the fp8 model's logits stay close to the float model's."""
+    from kiln.passes import compile_model
+
+    fam = family("mixtral")
+    graph, params = compile_model(fam.graph, dict(fam.params), quantization="fp8")
+    assert str(params["layers.0.router.w"].dtype) == "float32"
+    assert any("float8" in str(v.dtype) for v in params.values())
+    ps = prompts((7, 12), seed=8)
+    for a, b in zip(fam.batch_logits(ps), fam.batch_logits(ps, fam.stepper(graph, params))):
+        assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 0.1
