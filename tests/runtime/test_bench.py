@@ -5,14 +5,6 @@ import json
 import pytest
 
 from kiln.cli import main
-from tests.helpers import make_hf_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench_llama")
-    make_hf_checkpoint("llama", path)
-    return path
 
 
 @pytest.mark.parametrize("mode,extra", [("throughput", []), ("latency", []),

@@ -10,16 +10,9 @@ import pytest
 from kiln import LLM, SamplingParams
 from kiln.errors import RequestError
 from kiln.runtime.engine import AsyncEngine
-from tests.helpers import hf_greedy, hf_logits, load_hf, make_hf_checkpoint
+from tests.helpers import hf_greedy, hf_logits, load_hf
 
 KW = dict(dtype="float32", max_num_seqs=6, max_num_tokens=32, max_model_len=64, kv_block_size=4, log=None)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama_rt")
-    make_hf_checkpoint("llama", path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import make_hf_checkpoint
 
 KEY = "test-key"
 NAME = "tiny"
@@ -24,13 +23,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve_llama")
-    make_hf_checkpoint("llama", path)
-    return path
 
 
 @pytest.fixture(scope="module")
