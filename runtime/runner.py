@@ -150,7 +150,8 @@ class Runner:
         first = key not in self._compiled
         if first:
             self._compiled.add(key)
-            self.log(f"compiling step #{len(self._compiled)}: tokens={key[0]} blocks/seq={key[1]}"
+            verb = "loading or compiling" if jax.config.jax_compilation_cache_dir else "compiling"  # an engine's cache
+            self.log(f"{verb} step #{len(self._compiled)}: tokens={key[0]} blocks/seq={key[1]}"
                      f"{'' if key[2] else ' sampling'}{f' logprobs={key[3]}' if key[3] else ''}"
                      f"{' penalties' if key[4] else ''}{' min_tokens' if key[6] else ''}")
             t0 = time.perf_counter()
