@@ -22,6 +22,26 @@ from pathlib import Path
 from kiln.errors import KilnError
 
 
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int):
+    """Options of the commands that generate for one prompt (generate, chat)."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+
+
+def _sampling_params(args):
+    from kiln import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
+
+
 def _add_model_arg(p: argparse.ArgumentParser):
     p.add_argument("model", nargs="?", default=None,
                    help="a Hugging Face checkpoint directory or a .gguf file (default: SmolLM2-135M-Instruct "
@@ -29,10 +49,9 @@ def _add_model_arg(p: argparse.ArgumentParser):
 
 
 def _cmd_generate(args) -> int:
-    from kiln import LLM, SamplingParams
+    from kiln import LLM
 
-    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed)
+    sp = _sampling_params(args)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1)  # one conversation: a KV pool for one sequence
     prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     out = llm.generate([prompt], sp)[0].outputs[0]
@@ -52,10 +71,9 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 def _cmd_chat(args) -> int:
     """One answer to --prompt, or a conversation on stdin (one user turn per line)."""
-    from kiln import LLM, SamplingParams
+    from kiln import LLM
 
-    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed)
+    sp = _sampling_params(args)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=1)  # one conversation: a KV pool for one sequence
     turns = [args.prompt] if args.prompt is not None else None
     messages = []
@@ -90,7 +108,7 @@ def _cmd_eval(args) -> int:
 
 def add_engine_args(p: argparse.ArgumentParser):
     """Options of commands that start an engine (serve, bench)."""
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     p.add_argument("--max-num-tokens", type=int, default=1024, help="tokens per step")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
@@ -210,30 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_arg(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_sampling_args(g, max_tokens=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("chat", help="answer questions through the model's chat template")
     _add_model_arg(c)
     c.add_argument("--prompt", default=None, help="one question (default: one per line on stdin)")
-    c.add_argument("--max-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_sampling_args(c, max_tokens=256)
     c.set_defaults(func=_cmd_chat)
 
     ev = sub.add_parser("eval", help="sliding-window perplexity over a text file")
     _add_model_arg(ev)
     ev.add_argument("--text", required=True, help="a UTF-8 text file")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="auto", choices=DTYPES)
     ev.add_argument("--quant", default=None, choices=["fp8", "int8_wo", "int4_wo"], help="quantize the weights first")
     ev.add_argument("--window", type=int, default=512, help="tokens per window")
     ev.add_argument("--stride", type=int, default=256, help="tokens between window starts")
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr = sub.add_parser("graph", help="print the model's graph")
     _add_model_arg(gr)
     gr.add_argument("--format", default="text", choices=["text", "json"])
-    gr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gr.add_argument("--dtype", default="auto", choices=DTYPES)
     gr.add_argument("--passes", action=argparse.BooleanOptionalAction, default=None,
                     help="run the default pass pipeline (fusion) before printing; --no-passes: the graph as defined")
     gr.add_argument("--quant", default=None, choices=["fp8", "int8_wo", "int4_wo"], help="... with this quantization")
