@@ -90,6 +90,10 @@ def summarize(lines: list[_Timeline], wall: float) -> dict:
     return res
 
 
+def _prompt_len(llm, r: BenchRequest) -> int:
+    return len(llm.encode(r.prompt)) if isinstance(r.prompt, str) else len(r.prompt)
+
+
 def _record(out, line: _Timeline, now: float):
     for c in out.outputs:
         line.token_times.extend([now] * len(c.token_ids))
@@ -105,7 +109,7 @@ def run_throughput(llm, reqs: list[BenchRequest]) -> dict:
     for r in reqs:
         sp = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
         rid = eng.add_request(r.prompt, sp, output_kind="delta")
-        lines[rid] = _Timeline(t0, len(r.prompt) if not isinstance(r.prompt, str) else len(llm.encode(r.prompt)))
+        lines[rid] = _Timeline(t0, _prompt_len(llm, r))
     done = 0
     max_running = 0
     while done < len(reqs):
@@ -130,7 +134,7 @@ def run_latency(llm, reqs: list[BenchRequest]) -> dict:
         sp = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
         eng.add_request(r.prompt, sp, output_kind="delta")
-        line = _Timeline(t0, len(r.prompt) if not isinstance(r.prompt, str) else len(llm.encode(r.prompt)))
+        line = _Timeline(t0, _prompt_len(llm, r))
         finished = False
         while not finished:
             for o in eng.step():
@@ -153,7 +157,7 @@ def run_serving(llm, reqs: list[BenchRequest], rate: float, seed: int = 0) -> di
 
     async def one(r: BenchRequest, delay: float, t_start: float) -> _Timeline:
         await asyncio.sleep(max(0.0, t_start + delay - time.perf_counter()))
-        line = _Timeline(time.perf_counter(), len(r.prompt) if not isinstance(r.prompt, str) else len(llm.encode(r.prompt)))
+        line = _Timeline(time.perf_counter(), _prompt_len(llm, r))
         sp = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
         async for o in engine.generate(r.prompt, sp):
             _record(o, line, time.perf_counter())
