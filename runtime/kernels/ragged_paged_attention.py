@@ -54,6 +54,8 @@ class KernelConfig:
     splits: int = 1   # slices of the key range per tile (split-K), merged by combine_splits
     num_warps: int = 4
     num_stages: int = 2
+    longest_first: bool = True  # grid (kv head, tile reversed): a sequence's last (longest causal) tiles start first
+    fp8_f16: bool = True        # fp8 pools with bf16/f16 q: K/V convert to f16 (one native cvt on sm_89+), not bf16
 
 
 def _pow2(n: int) -> int:
@@ -146,26 +148,36 @@ def tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int):
 
 
 def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs, group: int, block_q: int,
-            block_k: int, page: int, table_width: int, splits: int, scale: float, sliding_window,
-            soft_cap, exact: bool):
-    tile, split = pl.program_id(0), pl.program_id(2)
+            block_k: int, page: int, table_width: int, num_tables: int, num_tiles: int, splits: int,
+            scale: float, sliding_window, soft_cap, exact: bool, longest_first: bool, fp8_f16: bool):
+    if longest_first:  # grid (kv head, tile, split), tiles walked from the last
+        tile, split = num_tiles - 1 - pl.program_id(1), pl.program_id(2)
+    else:              # grid (tile, kv head, split)
+        tile, split = pl.program_id(0), pl.program_id(2)
     seq, tok0, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
     rows = block_q * group
     head_dim = q_ref.shape[-1]
+    num_blocks = k_ref.shape[0]
     q = q_ref[pl.ds(tok0 * group, rows), :]                          # [M, D]
     row_pos = p0 + lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
     sm_scale = scales_ref[0] * scale  # logits are kept in log2 units: exp2 is the native op
+    kv_f16 = fp8_f16 and not exact and jnp.dtype(k_ref.dtype).itemsize == 1
+    if kv_f16:  # fp8 K/V widen to f16 in one instruction; q pre-scaled so that f16 range suffices
+        q = (q.astype(jnp.float32) * scale).astype(jnp.float16)
+        sm_scale = scales_ref[0]
     precision = lax.Precision.HIGHEST if exact else None
     pages_per_step = max(1, block_k // page)
+    last = num_tables * table_width - 1
 
     def load_kv(kb):
         if block_k >= page:                                            # gather whole pages
-            pages = bt_ref[pl.ds(seq * table_width + kb * pages_per_step, pages_per_step)]
+            idx = seq * table_width + kb * pages_per_step + lax.iota(jnp.int32, pages_per_step)
+            pages = jnp.clip(bt_ref[jnp.minimum(idx, last)], 0, num_blocks - 1)  # past the table: unused
             k = k_ref[pages].reshape(block_k, head_dim)
             v = v_ref[pages].reshape(block_k, head_dim)
         else:                                                          # a slice of one page
             start = kb * block_k
-            pg = bt_ref[seq * table_width + start // page]
+            pg = jnp.clip(bt_ref[seq * table_width + start // page], 0, num_blocks - 1)
             k = k_ref[pg, pl.ds(start % page, block_k), :]
             v = v_ref[pg, pl.ds(start % page, block_k), :]
         return k.astype(q.dtype), v.astype(q.dtype)
@@ -258,10 +270,7 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     num_tiles = max(1, min(t, -(-t // bq) + s))
     meta, first_tile = tile_metadata(query_start_loc, context_lens, bq, num_tiles)
 
-    pps = max(1, bk // page)
-    width_p = -(-width // pps) * pps
-    tables = jnp.clip(block_tables.astype(jnp.int32), 0, nb - 1)
-    tables = jnp.pad(tables, ((0, 0), (0, width_p - width))).reshape(-1)
+    tables = block_tables.astype(jnp.int32).reshape(-1)  # clamped in the kernel
 
     # q as [KVH, (T + block_q) * Gp, D]: a tile's rows are contiguous; the tail pad keeps reads in bounds
     qg = q.reshape(t, kvh, group, d)
@@ -275,28 +284,37 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     exact = jnp.dtype(q.dtype) == jnp.float32
 
     kernel = functools.partial(
-        _kernel, group=gp, block_q=bq, block_k=bk, page=page, table_width=width_p, splits=cfg.splits,
-        scale=float(scale), sliding_window=int(sliding_window) if sliding_window else None,
-        soft_cap=float(soft_cap) if soft_cap else None, exact=exact)
-    whole = lambda n: pl.BlockSpec((n,), lambda i, j, k: (0,))  # noqa: E731
+        _kernel, group=gp, block_q=bq, block_k=bk, page=page, table_width=width, num_tables=s,
+        num_tiles=num_tiles, splits=cfg.splits, scale=float(scale),
+        sliding_window=int(sliding_window) if sliding_window else None,
+        soft_cap=float(soft_cap) if soft_cap else None, exact=exact, longest_first=cfg.longest_first,
+        fp8_f16=cfg.fp8_f16)
+    if cfg.longest_first:  # program ids (kv head, n, split) -> (tile, kv head, split)
+        grid, ids = (kvh, num_tiles, cfg.splits), lambda a, b, c: (num_tiles - 1 - b, a, c)
+    else:
+        grid, ids = (num_tiles, kvh, cfg.splits), lambda a, b, c: (a, b, c)
+
+    def spec(shape, index):  # a BlockSpec whose index map sees (tile, kv head, split)
+        return pl.BlockSpec(shape, lambda a, b, c: index(*ids(a, b, c)))
+
+    whole = lambda n: spec((n,), lambda i, j, k: (0,))  # noqa: E731
     in_specs = [
         whole(meta.shape[0]), whole(tables.shape[0]), whole(2),
-        pl.BlockSpec((None, qg.shape[1], d), lambda i, j, k: (j, 0, 0)),
-        pl.BlockSpec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
-        pl.BlockSpec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
+        spec((None, qg.shape[1], d), lambda i, j, k: (j, 0, 0)),
+        spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
+        spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
     ]
-    grid = (num_tiles, kvh, cfg.splits)
     if cfg.splits == 1:
         out_shape = jax.ShapeDtypeStruct((kvh, num_tiles, rows, d), q.dtype)
-        out_specs = pl.BlockSpec((None, None, rows, d), lambda i, j, k: (j, i, 0, 0))
+        out_specs = spec((None, None, rows, d), lambda i, j, k: (j, i, 0, 0))
     else:
         p = cfg.splits
         out_shape = [jax.ShapeDtypeStruct((p, kvh, num_tiles, rows, d), jnp.float32),
                      jax.ShapeDtypeStruct((p, kvh, num_tiles, rows), jnp.float32),
                      jax.ShapeDtypeStruct((p, kvh, num_tiles, rows), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, None, rows, d), lambda i, j, k: (k, j, i, 0, 0)),
-                     pl.BlockSpec((None, None, None, rows), lambda i, j, k: (k, j, i, 0)),
-                     pl.BlockSpec((None, None, None, rows), lambda i, j, k: (k, j, i, 0))]
+        out_specs = [spec((None, None, None, rows, d), lambda i, j, k: (k, j, i, 0, 0)),
+                     spec((None, None, None, rows), lambda i, j, k: (k, j, i, 0)),
+                     spec((None, None, None, rows), lambda i, j, k: (k, j, i, 0))]
     out = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         interpret=interpret, compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),

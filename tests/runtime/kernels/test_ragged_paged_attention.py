@@ -87,6 +87,8 @@ CASES = {
     "decode-splitk": (2, 1, 128, 8, "float32", 11, None, KernelConfig(16, 16, 4), False),
     "group3-padded": (2, 3, 64, 8, "float32", None, None, KernelConfig(4, 16, 2), False),
     "fp8-kv": (2, 4, 64, 8, "float32", None, None, None, True),
+    "fp8-kv-bf16-f16": (2, 4, 64, 8, "bfloat16", None, None, KernelConfig(2, 16, 2), True),  # fp8 -> f16 path
+    "grid-tile-major": (2, 2, 64, 4, "float32", 9, None, KernelConfig(4, 8, 1, longest_first=False), False),
 }
 WIDTH = 6  # blocks per sequence
 
