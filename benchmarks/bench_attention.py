@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kiln.runtime.kernels.attention import paged_attention_reference, write_kv
-from kiln.runtime.kernels.ragged_paged_attention import KernelConfig, choose_config, ragged_paged_attention
+from kiln.runtime.kernels.ragged_paged_attention import (KernelConfig, choose_config, kernel_call, kernel_inputs,
+                                                         ragged_paged_attention)
 
 KVH, H, D, PAGE = 8, 32, 128, 16
 INTERPRET = False  # --smoke: every Pallas call in interpret mode at tiny sizes (a CPU dry run of this script)
@@ -97,6 +98,23 @@ def kiln_fn(cfg=None, **kw):
     return jax.jit(f)
 
 
+def kiln_core_fn(b, cfg=None):
+    """The pallas_call alone on precomputed operands (tile metadata, q by kv head): the kernel
+    without the small XLA ops around it. Returns (jitted fn, its argument)."""
+    c, args, _ = kernel_inputs(b["q"], b["k"], b["tables"], b["ctx"], b["qsl"], config=cfg)
+    group = b["q"].shape[1] // b["k"].shape[0]
+    f = jax.jit(lambda a: kernel_call(c, *a, group=group, scale=D ** -0.5, interpret=INTERPRET))
+    return f, (*args, b["k"], b["v"])
+
+
+def jax_mgpu_fn(block_q: int, block_kv: int):
+    """jax's Mosaic GPU (Hopper) flash attention: contiguous [1, T, heads, D] q/K/V, GQA, causal."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+    cfg = am.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+    return jax.jit(lambda q, k, v: am.attention(q, k, v, cfg))
+
+
 def ref_fn(**kw):
     def f(b):
         return paged_attention_reference(b["q"], b["k"], b["v"], b["positions"], b["seq_ids"], b["tables"],
@@ -148,6 +166,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer sizes and configs")
     ap.add_argument("--checks-only", action="store_true", help="GPU checks and the 8k prefill only")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, tiny sizes")
+    ap.add_argument("--wide", action="store_true", help="wide config sweeps (decode 2k/8k, fp8, prefill tiles)")
+    ap.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU attention_mgpu on prefill")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     global INTERPRET
@@ -194,10 +214,19 @@ def main():
         log(f"check {name}: rel err {err:.2e}")
 
     # ---- decode
-    ctxs = [] if args.checks_only else [256] if args.smoke else [2048, 8192] if args.quick else [2048, 8192, 32768]
+    ctxs = ([] if args.checks_only else [256] if args.smoke else [2048, 8192] if args.quick or args.wide
+            else [2048, 8192, 32768])
     sweep_ctx = 256 if args.smoke else 2048
     decode_cfgs = [KernelConfig(4, bk, 1, w, st) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
     decode_cfgs += [KernelConfig(4, 64, 2, 4, 3), KernelConfig(4, 128, 1, 4, 3)]
+    fp8_cfgs = []
+    if args.wide:  # 2026-11-24: block_k 32-128 x stages 2-4, 8 warps, split-K 2, the old grid order
+        decode_cfgs = [KernelConfig(4, bk, 1, 4, st) for bk in (32, 64, 128) for st in (2, 3, 4)]
+        decode_cfgs += [KernelConfig(4, 64, 1, 8, 3), KernelConfig(4, 128, 1, 8, 3), KernelConfig(4, 64, 2, 4, 3),
+                        KernelConfig(4, 128, 2, 4, 3), KernelConfig(4, 64, 1, 4, 3, longest_first=False)]
+        fp8_cfgs = [KernelConfig(4, 64, 1, 4, 3), KernelConfig(4, 128, 1, 4, 3), KernelConfig(4, 128, 1, 4, 4),
+                    KernelConfig(4, 256, 1, 4, 2), KernelConfig(4, 256, 1, 8, 2),
+                    KernelConfig(4, 64, 1, 4, 3, fp8_f16=False), KernelConfig(4, 128, 1, 4, 3, fp8_f16=False)]
     if args.quick or args.smoke:
         decode_cfgs = decode_cfgs[::3] if args.quick else decode_cfgs[:2]
     best_cfg = {}
@@ -210,6 +239,9 @@ def main():
         row = {"ctx": ctx, "batch": nb, "kv_bytes": kv_bytes,
                "default_cfg": str(choose_config(nb, nb, KVH, 4, D, PAGE, ctx))}
         row["kiln_default"] = try_time("kiln (default config)", kiln_fn(), b, log=log)
+        core, core_args = kiln_core_fn(b)
+        row["kiln_core"] = try_time("kiln default, pallas_call alone", core, core_args, log=log)
+        del core_args
         if ctx == sweep_ctx:
             res["sweeps"]["decode"], best_cfg["decode"] = sweep(decode_cfgs, b, log)
         time_best(row, best_cfg.get("decode", []), b, log)
@@ -221,18 +253,28 @@ def main():
         row["jax_paged_all"] = jt
         row["reference"] = try_time("reference (XLA)", ref_fn(), b, log=log) if ctx <= 8192 or not args.quick else None
         bf8 = {**b, "k": b["k"].astype(jnp.float8_e4m3fn), "v": b["v"].astype(jnp.float8_e4m3fn)}
-        cfg8 = best_cfg.get("decode", [None])[0]
-        row["kiln_fp8"] = try_time("kiln fp8 kv", kiln_fn(cfg8, k_scale=1.0, v_scale=1.0), bf8, log=log)
+        if fp8_cfgs and ctx == sweep_ctx:
+            t8 = {str(c): try_time(f"fp8 {c}", kiln_fn(c, k_scale=1.0, v_scale=1.0), bf8, log=log) for c in fp8_cfgs}
+            res["sweeps"]["decode_fp8"] = t8
+            best_cfg["decode_fp8"] = [c for _, c in sorted(((t, c) for c, t in zip(fp8_cfgs, t8.values()) if t),
+                                                           key=lambda x: x[0])[:2]]
+        fp8_try = best_cfg.get("decode_fp8") or [best_cfg.get("decode", [None])[0]]
+        t8 = [try_time(f"kiln fp8 kv {c}", kiln_fn(c, k_scale=1.0, v_scale=1.0), bf8, log=log) for c in fp8_try]
+        t8 = [t for t in t8 if t]
+        row["kiln_fp8"] = min(t8) if t8 else None
+        row["kiln_fp8_default"] = try_time("kiln fp8 kv (default config)", kiln_fn(None, k_scale=1.0, v_scale=1.0),
+                                           bf8, log=log)
         del bf8
         kts = [row[k] for k in row if k.startswith("kiln_") and not k.endswith("cfg") and row[k]
-               and k != "kiln_fp8"]
+               and not k.startswith("kiln_fp8") and k != "kiln_core"]
         row["kiln"] = min(kts) if kts else None
-        for k in ("kiln", "kiln_default", "jax_paged", "reference"):
+        for k in ("kiln", "kiln_default", "kiln_core", "jax_paged", "reference"):
             if row.get(k):
                 row[k + "_GBps"] = kv_bytes / row[k] / 1e9
                 row[k + "_TFLOPs"] = flops / row[k] / 1e12
-        if row.get("kiln_fp8"):
-            row["kiln_fp8_GBps"] = kv_bytes / 2 / row["kiln_fp8"] / 1e9
+        for k in ("kiln_fp8", "kiln_fp8_default"):
+            if row.get(k):
+                row[k + "_GBps"] = kv_bytes / 2 / row[k] / 1e9
         # the KV write of this step's 64 tokens into the pools (donated: in place)
         wk = jax.jit(lambda kp, vp, k, v, sl: write_kv(kp, vp, k, v, sl), donate_argnums=(0, 1))
         newk = jnp.ones((nb, KVH, D), jnp.bfloat16)
@@ -255,7 +297,7 @@ def main():
         res["decode"].append(row)
 
     # ---- decode at small batch: where split-K matters (few sequences, long contexts)
-    for nbs, ctx in ([] if args.checks_only else [(2, 256)] if args.smoke else [(1, 32768), (4, 32768), (8, 8192)]):
+    for nbs, ctx in ([] if args.checks_only or args.wide else [(2, 256)] if args.smoke else [(1, 32768), (4, 32768), (8, 8192)]):
         log(f"decode batch {nbs} ctx {ctx}")
         b = make_batch(rng, [1] * nbs, [ctx] * nbs)
         kv_bytes = 2 * nbs * ctx * KVH * D * 2
@@ -274,6 +316,10 @@ def main():
     # ---- prefill
     prefills = [[8192]] if args.checks_only else [[64], [32] * 2] if args.smoke else [[2048], [8192]] if args.quick else [[2048], [4096], [8192], [2048] * 4]
     prefill_cfgs = [KernelConfig(32, bk, 1, w, st) for bk in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    if args.wide:  # 2026-11-24: 64- and 256-row tiles, and the old grid order (first tile first)
+        prefill_cfgs += [KernelConfig(16, 64, 1, 4, 2), KernelConfig(16, 64, 1, 4, 3), KernelConfig(16, 128, 1, 4, 3),
+                         KernelConfig(64, 64, 1, 8, 2), KernelConfig(64, 64, 1, 8, 3), KernelConfig(64, 128, 1, 8, 2),
+                         KernelConfig(32, 64, 1, 4, 2, longest_first=False)]
     if args.quick or args.smoke:
         prefill_cfgs = prefill_cfgs[::4] if args.quick else prefill_cfgs[:2]
     for ql in prefills:
@@ -296,11 +342,19 @@ def main():
                                       jax.jit(lambda q, k, v: mha(q, k, v, None, sm_scale=D ** -0.5, causal=True,
                                                                      interpret=INTERPRET)),
                                       qc, kc, kc, log=log)
+            if args.mgpu and not INTERPRET:  # jax's Hopper (Mosaic GPU) flash attention, GQA K/V
+                kg = jax.random.normal(jax.random.PRNGKey(6), (1, t, KVH, D), jnp.bfloat16)
+                tm = {f"bq{a}_bkv{c}": try_time(f"jax attention_mgpu block_q={a} block_kv={c}", jax_mgpu_fn(a, c),
+                                                qc, kg, kg, log=log) for a, c in ((64, 64), (64, 128), (64, 256),
+                                                                                  (128, 128))}
+                row["jax_mgpu_all"] = tm
+                row["jax_mgpu"] = min([x for x in tm.values() if x] or [None]) if any(tm.values()) else None
+                del kg
             del kc
         row["reference"] = try_time("reference (XLA)", ref_fn(), b, log=log) if t <= 2048 else None
         kts = [row[k] for k in row if k.startswith("kiln_") and not k.endswith("cfg") and row[k]]
         row["kiln"] = min(kts) if kts else None
-        for k in ("kiln", "kiln_default", "jax_mha", "reference"):
+        for k in ("kiln", "kiln_default", "jax_mha", "jax_mgpu", "reference"):
             if row.get(k):
                 row[k + "_TFLOPs"] = flops / row[k] / 1e12
         b.clear()
@@ -324,25 +378,29 @@ def table(res) -> str:
     out = [f"GPU {res['device']}, jax {res['jax']}. Ceilings measured in this run: copy {hbm:.0f} GB/s "
            f"(read+write), bf16 matmul {mm:.0f} TFLOP/s.", "",
            f"Decode, batch {res['decode'][0]['batch'] if res['decode'] else 64}, 32 q / 8 kv heads, head dim 128, bf16, 16-token pages (GB/s of K/V read; % of copy):",
-           "", "| context | Kiln kernel | % | jax paged_attention | % | XLA reference | % | Kiln fp8 KV (GB/s of fp8) | write_kv us |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "", "| context | Kiln kernel | % | pallas_call alone | % | jax paged_attention | % | XLA reference | % | "
+           "Kiln fp8 KV (GB/s of fp8; best / default) | write_kv us |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["decode"]:
         g = lambda k: r.get(k + "_GBps")  # noqa: E731
         pct = lambda k: None if g(k) is None else 100 * g(k) / hbm  # noqa: E731
-        out.append(f"| {r['ctx']} | {f(g('kiln'))} | {f(pct('kiln'))} | {f(g('jax_paged'))} | {f(pct('jax_paged'))} | "
-                   f"{f(g('reference'))} | {f(pct('reference'))} | {f(r.get('kiln_fp8_GBps'))} | {f(r.get('write_kv_us'), 1)} |")
+        out.append(f"| {r['ctx']} | {f(g('kiln'))} | {f(pct('kiln'))} | {f(g('kiln_core'))} | {f(pct('kiln_core'))} | "
+                   f"{f(g('jax_paged'))} | {f(pct('jax_paged'))} | {f(g('reference'))} | {f(pct('reference'))} | "
+                   f"{f(r.get('kiln_fp8_GBps'))} / {f(r.get('kiln_fp8_default_GBps'))} | {f(r.get('write_kv_us'), 1)} |")
     out += ["", "Decode at small batch (split-K), GB/s of K/V read:", "",
             "| batch x context | Kiln split-K (default) | Kiln splits=1 | jax paged_attention |", "|---|---|---|---|"]
     for r in res.get("decode_small", []):
         out.append(f"| {r['batch']} x {r['ctx']} | {f(r.get('kiln_splitk_GBps'))} | {f(r.get('kiln_nosplit_GBps'))} | "
                    f"{f(r.get('jax_paged_GBps'))} |")
     out += ["", "Prefill, causal, fresh sequences, same heads (TFLOP/s of useful attention FLOPs; % of matmul):", "",
-            "| tokens | Kiln kernel | % | jax attention.mha (contiguous) | % | XLA reference | % |", "|---|---|---|---|---|---|---|"]
+            "| tokens | Kiln kernel | % | Kiln default | jax attention.mha (contiguous) | % | jax attention_mgpu "
+            "(contiguous) | % | XLA reference | % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["prefill"]:
         g = lambda k: r.get(k + "_TFLOPs")  # noqa: E731
         pct = lambda k: None if g(k) is None else 100 * g(k) / mm  # noqa: E731
-        out.append(f"| {'+'.join(map(str, r['q_lens']))} | {f(g('kiln'))} | {f(pct('kiln'))} | {f(g('jax_mha'))} | "
-                   f"{f(pct('jax_mha'))} | {f(g('reference'))} | {f(pct('reference'))} |")
+        out.append(f"| {'+'.join(map(str, r['q_lens']))} | {f(g('kiln'))} | {f(pct('kiln'))} | {f(g('kiln_default'))} | "
+                   f"{f(g('jax_mha'))} | {f(pct('jax_mha'))} | {f(g('jax_mgpu'))} | {f(pct('jax_mgpu'))} | "
+                   f"{f(g('reference'))} | {f(pct('reference'))} |")
     out += ["", "GPU checks (rel err vs f32 reference): " +
             ", ".join(f"{c['case']} {c['rel_err']:.1e}" for c in res["checks"]),
             "Best configs: " + json.dumps(res.get("best_configs", {}))]

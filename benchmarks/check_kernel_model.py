@@ -2,6 +2,7 @@
 Pallas kernel against the same model on the plain-JAX reference attention, both on the GPU.
 
     python3 benchmarks/check_kernel_model.py [--preset llama-tiny] [--steps 16] [--impl pallas]
+    python3 benchmarks/check_kernel_model.py --model SmolLM2.gguf --prompts-file ids.json --tag smollm2
 
 Four prompts of different lengths are prefilled in one ragged step (16-token pages shuffled
 across the pool), then decoded together, greedily, in fp32 and in bf16. Passes when the fp32
@@ -78,7 +79,12 @@ def compare(graph, params, impl, prompts, steps, dtype):
     margin = top2[..., 1] - top2[..., 0]                         # [steps, S]
     diff = np.abs(forced_l - ref_l).max(-1)                      # [steps, S]
     mism = forced_l.argmax(-1) != ref_l.argmax(-1)
+    rel_margin = margin / np.maximum(np.abs(top2[..., 1]), 1e-30)  # bf16 resolution is 2^-8 = 0.0039
     return {"dtype": dtype, "tokens_identical": bool(same.all()),
+            "margin_percentiles_0_5_25_50": np.percentile(margin, [0, 5, 25, 50]).tolist(),
+            "relative_margin_percentiles_0_5_25_50": np.percentile(rel_margin, [0, 5, 25, 50]).tolist(),
+            "margins_within_2_bf16_ulps": int((rel_margin < 2 ** -7).sum()),
+            "mismatch_margins": margin[mism].tolist(),
             "first_difference_per_seq": [int(np.argmin(r)) if not r.all() else None for r in same],
             "forced_argmax_mismatches": int(mism.sum()), "forced_argmaxes": int(mism.size),
             "mismatches_all_near_ties": bool(np.all(margin[mism] <= diff[mism])),
@@ -93,13 +99,28 @@ def main():
     ap.add_argument("--impl", default="pallas")
     ap.add_argument("--std", type=float, default=0.05, help="random weight scale (peakier logits than 0.02)")
     ap.add_argument("--prompt-lens", default="37,200,5,513")
+    ap.add_argument("--model", help="a checkpoint directory or .gguf file instead of a random preset")
+    ap.add_argument("--prompts-file", help="JSON list of token-id lists (e.g. tokenized text) for the prompts")
+    ap.add_argument("--tag", default="", help="suffix of the output file name: model_check_TAG.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    cfg = preset_config(args.preset)
-    graph = build_graph(cfg, "bfloat16")
-    params = random_params(graph, 0, std=args.std)
+    if args.model:
+        from kiln.models.loader import open_checkpoint
+
+        ckpt = open_checkpoint(args.model)
+        cfg = ckpt.config
+        graph = build_graph(cfg, "bfloat16")
+        params = ckpt.load_params(graph)
+    else:
+        cfg = preset_config(args.preset)
+        graph = build_graph(cfg, "bfloat16")
+        params = random_params(graph, 0, std=args.std)
     rng = np.random.default_rng(1)
-    prompts = [list(rng.integers(0, cfg.vocab_size, int(n))) for n in args.prompt_lens.split(",")]
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts = [list(map(int, p)) for p in json.load(f)]
+    else:
+        prompts = [list(rng.integers(0, cfg.vocab_size, int(n))) for n in args.prompt_lens.split(",")]
     bf = compare(graph, params, args.impl, prompts, args.steps, "bfloat16")
     g32 = build_graph(cfg, "float32")
     p32 = {k: v.astype("float32") for k, v in params.items()}
@@ -108,7 +129,8 @@ def main():
     _, l16 = run(graph, params, "reference", prompts, 1, 16, 0)
     _, l32 = run(g32, p32, "reference", prompts, 1, 16, 0, "float32")
     noise = float(np.linalg.norm(l16[0] - l32[0]) / np.linalg.norm(l32[0]))
-    res = {"device": str(jax.devices()[0].device_kind), "preset": args.preset, "impl": args.impl,
+    res = {"device": str(jax.devices()[0].device_kind), "model": args.model or f"random {args.preset}",
+           "std": None if args.model else args.std, "impl": args.impl,
            "prompt_lens": [len(p) for p in prompts], "steps": args.steps, "bf16_noise_rel_err_step0": noise,
            "bfloat16": bf, "float32": f32}
     # fp32: identical greedy tokens, logits equal to ~1e-4 (the rest of the step runs XLA's TF32
@@ -117,9 +139,10 @@ def main():
     res["pass"] = (f32["tokens_identical"] and f32["logits_rel_err_max"] < 1e-3
                    and bf["logits_rel_err_max"] <= max(2e-2, 2 * noise) and bf["mismatches_all_near_ties"])
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "model_check.json"), "w") as f:
+    with open(os.path.join(args.out, f"model_check{'_' + args.tag if args.tag else ''}.json"), "w") as f:
         json.dump(res, f, indent=1)
-    short = lambda d: {k: v for k, v in d.items() if k not in ("ref_tokens", "kernel_tokens", "logits_rel_err")}  # noqa: E731
+    short = lambda d: {k: v for k, v in d.items() if k not in ("ref_tokens", "kernel_tokens", "logits_rel_err",  # noqa: E731
+                                                                 "mismatch_margins")}
     print(json.dumps({k: short(v) if isinstance(v, dict) else v for k, v in res.items()}))
     return 0 if res["pass"] else 1
 

@@ -248,14 +248,10 @@ def combine_splits(o, m, l, v_scale):
     return (w[..., None] * o).sum(axis=0) * (v_scale / den)[..., None]
 
 
-def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, *,
-                           scale: float, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None,
-                           config: KernelConfig | None = None, interpret: bool = False):
-    """Attention of a ragged flat batch over paged pools. q [T, H, D] -> [T, H, D] (q's dtype).
-
-    Pools are [KVH, num_blocks, block_size, D], bf16/fp32/fp16 or float8_e4m3fn with scalar
-    `k_scale`/`v_scale` (dequantised value = stored * scale). Tokens past
-    `query_start_loc[-1]` (padding) come out as zeros. Reads the pools, writes nothing."""
+def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_scale=None, v_scale=None,
+                  config: KernelConfig | None = None):
+    """The tile config and the kernel's operands (meta, tables, scales, q by kv head) plus
+    `first_tile`: the small XLA ops around the kernel, split out so the kernel can be timed alone."""
     t, h, d = q.shape
     kvh, nb, page, _ = k_pool.shape
     s, width = block_tables.shape
@@ -266,11 +262,8 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     bq, bk = cfg.block_q, cfg.block_k
     if not (bk % page == 0 or page % bk == 0):
         raise ValueError(f"block_k {bk} must be a multiple or a divisor of the page size {page}")
-    rows = bq * gp
     num_tiles = max(1, min(t, -(-t // bq) + s))
     meta, first_tile = tile_metadata(query_start_loc, context_lens, bq, num_tiles)
-
-    tables = block_tables.astype(jnp.int32).reshape(-1)  # clamped in the kernel
 
     # q as [KVH, (T + block_q) * Gp, D]: a tile's rows are contiguous; the tail pad keeps reads in bounds
     qg = q.reshape(t, kvh, group, d)
@@ -280,8 +273,20 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     one = jnp.ones((), jnp.float32)
     ks = one if k_scale is None else jnp.asarray(k_scale, jnp.float32).reshape(())
     vs = one if v_scale is None else jnp.asarray(v_scale, jnp.float32).reshape(())
-    scales = jnp.stack([ks, vs])
-    exact = jnp.dtype(q.dtype) == jnp.float32
+    return cfg, (meta, block_tables.astype(jnp.int32), jnp.stack([ks, vs]), qg), first_tile
+
+
+def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, group: int, scale: float,
+                sliding_window=None, soft_cap=None, interpret: bool = False):
+    """The pallas_call alone: tile outputs [KVH, tiles, block_q * Gp, D] in q's dtype, or with
+    split-K the f32 partials (o, m, l) for `combine_splits`. Tables are clamped in the kernel."""
+    kvh, nb, page, d = k_pool.shape
+    s, width = tables.shape
+    gp = _pow2(group)
+    bq, bk = cfg.block_q, cfg.block_k
+    rows = bq * gp
+    num_tiles = meta.shape[0] // 4
+    exact = jnp.dtype(qg.dtype) == jnp.float32
 
     kernel = functools.partial(
         _kernel, group=gp, block_q=bq, block_k=bk, page=page, table_width=width, num_tables=s,
@@ -299,13 +304,13 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
 
     whole = lambda n: spec((n,), lambda i, j, k: (0,))  # noqa: E731
     in_specs = [
-        whole(meta.shape[0]), whole(tables.shape[0]), whole(2),
+        whole(meta.shape[0]), whole(s * width), whole(2),
         spec((None, qg.shape[1], d), lambda i, j, k: (j, 0, 0)),
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
     ]
     if cfg.splits == 1:
-        out_shape = jax.ShapeDtypeStruct((kvh, num_tiles, rows, d), q.dtype)
+        out_shape = jax.ShapeDtypeStruct((kvh, num_tiles, rows, d), qg.dtype)
         out_specs = spec((None, None, rows, d), lambda i, j, k: (j, i, 0, 0))
     else:
         p = cfg.splits
@@ -315,13 +320,33 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
         out_specs = [spec((None, None, None, rows, d), lambda i, j, k: (k, j, i, 0, 0)),
                      spec((None, None, None, rows), lambda i, j, k: (k, j, i, 0)),
                      spec((None, None, None, rows), lambda i, j, k: (k, j, i, 0))]
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         interpret=interpret, compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
         name=f"kiln_ragged_paged_attention_q{bq}_k{bk}_s{cfg.splits}",
-    )(meta, tables, scales, qg, k_pool, v_pool)
+    )(meta, tables.reshape(-1), scales, qg, k_pool, v_pool)
+
+
+def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, *,
+                           scale: float, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None,
+                           config: KernelConfig | None = None, interpret: bool = False):
+    """Attention of a ragged flat batch over paged pools. q [T, H, D] -> [T, H, D] (q's dtype).
+
+    Pools are [KVH, num_blocks, block_size, D], bf16/fp32/fp16 or float8_e4m3fn with scalar
+    `k_scale`/`v_scale` (dequantised value = stored * scale). Tokens past
+    `query_start_loc[-1]` (padding) come out as zeros. Reads the pools, writes nothing."""
+    t, h, d = q.shape
+    kvh = k_pool.shape[0]
+    s = block_tables.shape[0]
+    group = h // kvh
+    gp = _pow2(group)
+    cfg, args, first_tile = kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc,
+                                          k_scale=k_scale, v_scale=v_scale, config=config)
+    bq, num_tiles = cfg.block_q, args[0].shape[0] // 4
+    out = kernel_call(cfg, *args, k_pool, v_pool, group=group, scale=scale, sliding_window=sliding_window,
+                      soft_cap=soft_cap, interpret=interpret)
     if cfg.splits > 1:
-        out = combine_splits(*out, vs)
+        out = combine_splits(*out, args[2][1])
 
     # tiles -> tokens: token t of seq s sits in tile first[s] + i // bq, rows (i % bq) * Gp + g
     out = out.reshape(kvh, num_tiles, bq, gp, d)[:, :, :, :group]
@@ -335,5 +360,5 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     return jnp.where(valid[:, None, None], res, 0).astype(q.dtype)
 
 
-__all__ = ["KernelConfig", "choose_config", "ragged_paged_attention", "combine_splits", "tile_metadata",
-           "supported", "NEG"]
+__all__ = ["KernelConfig", "choose_config", "ragged_paged_attention", "kernel_inputs", "kernel_call",
+           "combine_splits", "tile_metadata", "supported", "NEG"]
