@@ -150,6 +150,8 @@ class Graph:
 #   slot_mapping[T]      flat KV slot (block * block_size + offset) to write; -1 = padding
 #   block_tables[S, B]   KV blocks of each sequence, in order
 #   context_lens[S]      tokens in the cache per sequence after this step
+#   seq_lens[S]          the sequence's whole length (known tokens, >= context_lens while a
+#                        prefill is chunked): what length-dependent RoPE (LongRoPE) reads
 #   query_start_loc[S+1] where each sequence's new tokens start in the flat batch
 #   logits_indices[L]    flat rows whose logits the step returns
 STEP_INPUTS: dict[str, TensorType] = {
@@ -159,6 +161,7 @@ STEP_INPUTS: dict[str, TensorType] = {
     "slot_mapping": TensorType(("T",), "int32"),
     "block_tables": TensorType(("S", "B"), "int32"),
     "context_lens": TensorType(("S",), "int32"),
+    "seq_lens": TensorType(("S",), "int32"),
     "query_start_loc": TensorType(("S+1",), "int32"),
     "logits_indices": TensorType(("L",), "int32"),
 }

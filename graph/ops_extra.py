@@ -8,9 +8,12 @@ Registered into the one registry (`graph/ops.py` imports this module at its end)
         (runtime/kernels/grouped_matmul.py; `gemm` picks one, default per backend): each
         token meets only its k experts. `impl="dense"` runs every expert on every token
         and masks: the reference the grouped path is tested against.
-    longrope(x[T,H,D], positions, seq_ids, context_lens) -> [T,H,D]
-        Phi-3's LongRoPE: per-dim frequency factors, "short" while the sequence fits the
-        trained context, "long" once it grows past it, cos/sin scaled by `attention_factor`.
+    longrope(x[T,H,D], positions, seq_ids, seq_lens) -> [T,H,D]
+        Phi-3's LongRoPE: per-dim frequency factors, "short" while the sequence (its whole
+        length `seq_lens[seq]`, not the part in the cache yet: a chunked prefill rotates every
+        chunk alike) fits the trained context, "long" once it is longer, cos/sin scaled by
+        `attention_factor`. The runtime recomputes a sequence's K when it grows past the
+        switch (runtime/scheduler.py).
     sigmoid_gate(x[T,E], g[T,1]) -> x * sigmoid(g)      (Qwen2-MoE's shared-expert gate)
 """
 
@@ -102,7 +105,7 @@ register_op("moe", _moe_shape, _moe_lower, inputs=5)
 # --------------------------------------------------------------------------- longrope
 
 
-def _longrope_shape(attrs, x, positions, seq_ids, context_lens):
+def _longrope_shape(attrs, x, positions, seq_ids, seq_lens):
     _rope_shape({"rotary_dim": attrs.get("rotary_dim")}, x, positions)
     rd = attrs.get("rotary_dim") or x.shape[2]
     for key in ("short_factor", "long_factor"):
@@ -110,14 +113,14 @@ def _longrope_shape(attrs, x, positions, seq_ids, context_lens):
     return x
 
 
-def _longrope_lower(ctx, x, positions, seq_ids, context_lens, *, theta, short_factor, long_factor,
+def _longrope_lower(ctx, x, positions, seq_ids, seq_lens, *, theta, short_factor, long_factor,
                     original_max_position_embeddings, attention_factor, rotary_dim=None):
     d = x.shape[-1]
     rd = rotary_dim or d
     base = theta ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd)
     inv_short = jnp.asarray(1.0 / (np.float32(short_factor) * base), jnp.float32)  # [rd/2]
     inv_long = jnp.asarray(1.0 / (np.float32(long_factor) * base), jnp.float32)
-    is_long = context_lens[seq_ids] > original_max_position_embeddings             # [T]: this sequence's length
+    is_long = seq_lens[seq_ids] > original_max_position_embeddings                 # [T]: this sequence's length
     inv = jnp.where(is_long[:, None], inv_long[None, :], inv_short[None, :])       # [T, rd/2]
     freqs = positions.astype(jnp.float32)[:, None] * inv
     cos = (jnp.cos(freqs) * attention_factor).astype(x.dtype)[:, None, :]          # [T, 1, rd/2]

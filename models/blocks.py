@@ -50,7 +50,7 @@ def rotary(b: Builder, x: Value, attrs: dict | None, name: str = "rope") -> Valu
         factor, orig = scaling["factor"], scaling["original_max_position_embeddings"]
         af = scaling.get("attention_factor") or (math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
         extra = {"rotary_dim": attrs["rotary_dim"]} if attrs.get("rotary_dim") else {}
-        return b.longrope(x, pos, b.input("seq_ids"), b.input("context_lens"), name=name, theta=attrs["theta"],
+        return b.longrope(x, pos, b.input("seq_ids"), b.input("seq_lens"), name=name, theta=attrs["theta"],
                           short_factor=scaling["short_factor"], long_factor=scaling["long_factor"],
                           original_max_position_embeddings=orig, attention_factor=af, **extra)
     if kind == "dynamic":

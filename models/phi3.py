@@ -6,9 +6,10 @@
 The graph is Llama's (the fusion pass fuses them again in its own layout). RoPE may be
 partial (`partial_rotary_factor`) and LongRoPE-scaled (`rope_type` "longrope", formerly
 "su"): short factors while a sequence fits `original_max_position_embeddings`, long ones past it.
-When a sequence grows past that length, its cached keys (rotated with the short factors) are
-stale: `graph.meta["kv_recompute_past"]` tells the runtime to recompute that sequence's cache
-once, as transformers' generate does.
+The choice reads the sequence's whole length (step input `seq_lens`), so every chunk of a
+chunked prefill is rotated alike. When a sequence grows past that length, its cached keys
+(rotated with the short factors) are stale: `graph.meta["kv_recompute_past"]` makes the
+scheduler recompute that sequence's cache once, as transformers' generate does.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ class SeqChunk:
     start_pos: int              # position of token_ids[0] (= tokens already in the cache)
     block_table: list[int]      # KV blocks of this sequence, enough for start_pos + len(token_ids)
     all_logits: bool = False    # logits for every new token, not only the last
+    seq_len: int | None = None  # the sequence's whole length (None: start_pos + len(token_ids))
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -32,12 +33,12 @@ def bucket(n: int, minimum: int = 8) -> int:
     return b
 
 
-def layout(starts: np.ndarray, lens: np.ndarray, tables: np.ndarray, block_size: int, T: int, S: int
-           ) -> dict[str, np.ndarray]:
+def layout(starts: np.ndarray, lens: np.ndarray, tables: np.ndarray, block_size: int, T: int, S: int,
+           seq_lens: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The position-derived STEP_INPUTS of R sequences in one numpy pass (no per-sequence
     Python): sequence r computes `lens[r]` tokens from position `starts[r]` with block table
-    `tables[r]` ([R, B]); padded to T tokens and S sequences. Token ids and logits indices are
-    the caller's."""
+    `tables[r]` ([R, B]) and is `seq_lens[r]` tokens long in all (default: `starts + lens`);
+    padded to T tokens and S sequences. Token ids and logits indices are the caller's."""
     R, n_tok = len(lens), int(lens.sum())
     qsl = np.full(S + 1, n_tok, np.int32)
     qsl[0] = 0
@@ -56,8 +57,11 @@ def layout(starts: np.ndarray, lens: np.ndarray, tables: np.ndarray, block_size:
     block_tables[:R] = tables
     ctx = np.zeros(S, np.int32)
     ctx[:R] = starts + lens
+    total = ctx.copy()
+    if seq_lens is not None:
+        total[:R] = np.maximum(seq_lens, ctx[:R])
     return dict(positions=positions, seq_ids=seq_ids, slot_mapping=slots, block_tables=block_tables,
-                context_lens=ctx, query_start_loc=qsl)
+                context_lens=ctx, seq_lens=total, query_start_loc=qsl)
 
 
 def prepare_inputs(chunks: list[SeqChunk], block_size: int, *, pad_tokens: int | None = None,
@@ -74,7 +78,8 @@ def prepare_inputs(chunks: list[SeqChunk], block_size: int, *, pad_tokens: int |
     tables = np.zeros((len(chunks), B), np.int32)
     for s, c in enumerate(chunks):
         tables[s, :len(c.block_table)] = c.block_table
-    inputs = layout(np.array([c.start_pos for c in chunks], np.int32), lens, tables, block_size, T, S)
+    seq_lens = np.array([c.seq_len or 0 for c in chunks], np.int32)
+    inputs = layout(np.array([c.start_pos for c in chunks], np.int32), lens, tables, block_size, T, S, seq_lens)
     token_ids = np.zeros(T, np.int32)
     token_ids[:n_tok] = [t for c in chunks for t in c.token_ids]
     logits_idx, rows = [], []
@@ -159,7 +164,7 @@ class StepBuilder:
     def build(self, plan) -> StepBatch:
         chunks, step = plan.chunks, plan.step
         owner, synced, tables = self._owner, self._synced, self.tables
-        slot_l, start_l, len_l, key_l, tok_l, prev_l = [], [], [], [], [], []
+        slot_l, start_l, len_l, key_l, tok_l, prev_l, total_l = [], [], [], [], [], [], []
         t = 0
         for c in chunks:
             req, n, start = c.req, c.num_tokens, c.start
@@ -181,6 +186,7 @@ class StepBuilder:
             slot_l.append(s)
             start_l.append(start)
             len_l.append(n)
+            total_l.append(c.seq_len)
             # the sampled token's index in the output (its PRNG counter)
             key_l.append(known + len(req.pending) - len(req.prompt_token_ids) - 1 if c.samples else 0)
             t += n
@@ -189,7 +195,8 @@ class StepBuilder:
         S = min(T, self.max_num_seqs)
         rows = np.array(slot_l, np.intp)
         B = min(self.max_blocks, bucket(int(self.num_table_blocks[rows].max()), 16))
-        inputs = layout(np.array(start_l, np.int32), np.array(len_l, np.int32), tables[rows, :B], self.block_size, T, S)
+        inputs = layout(np.array(start_l, np.int32), np.array(len_l, np.int32), tables[rows, :B], self.block_size, T, S,
+                        np.array(total_l, np.int32))
         token_ids = np.zeros(T, np.int32)
         token_ids[:n_tok] = tok_l
         logits_indices = np.zeros(S, np.int32)

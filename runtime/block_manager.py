@@ -26,6 +26,8 @@ class BlockTable:
     block_ids: list[int] = field(default_factory=list)
     num_hashed: int = 0             # leading full blocks registered in the prefix cache
     last_hash: int | None = None    # chain hash of block num_hashed - 1
+    salt: int | None = None         # the chain's root: K/V computed another way (LongRoPE's short or
+                                    # long factors) never share prefix-cache keys
 
 
 class BlockManager:
@@ -53,12 +55,13 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def lookup(self, token_ids: list[int]) -> list[int]:
-        """Blocks caching the longest full-block prefix of `token_ids`, leaving at least one
-        token to compute (its logits are needed). Takes no reference; pass them to `allocate`."""
+    def lookup(self, token_ids: list[int], salt: int | None = None) -> list[int]:
+        """Blocks caching the longest full-block prefix of `token_ids` (in tables of that `salt`),
+        leaving at least one token to compute (its logits are needed). Takes no reference; pass
+        them to `allocate`."""
         if not self.enable_prefix_caching:
             return []
-        bs, found, parent = self.block_size, [], None
+        bs, found, parent = self.block_size, [], salt
         for i in range((len(token_ids) - 1) // bs):
             key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
             b = self.cached.get(key)
@@ -108,7 +111,7 @@ class BlockManager:
         bs = self.block_size
         while (table.num_hashed + 1) * bs <= num_tokens:
             i = table.num_hashed
-            key = (table.last_hash, tuple(token_ids[i * bs:(i + 1) * bs]))
+            key = (table.last_hash if i else table.salt, tuple(token_ids[i * bs:(i + 1) * bs]))
             b = table.block_ids[i]
             if key not in self.cached and self.key[b] is None:
                 self.cached[key] = b
@@ -122,7 +125,7 @@ class BlockManager:
         for b in shared:
             assert self.ref[b] > 0
             self.ref[b] += 1
-        return BlockTable(list(shared))  # `commit` re-derives the key chain from the tokens
+        return BlockTable(list(shared), salt=table.salt)  # `commit` re-derives the key chain from the tokens
 
     def free_table(self, table: BlockTable) -> None:
         """Drop the table's references; blocks nobody holds go back to the pool (a sequence's

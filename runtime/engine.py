@@ -50,6 +50,12 @@ class _Group:
         return True
 
 
+def _rope_switch(runner) -> int | None:
+    """The length past which the model's RoPE changes (LongRoPE): `graph.meta["kv_recompute_past"]`."""
+    graph = getattr(runner, "graph", None)
+    return graph.meta.get("kv_recompute_past") if graph is not None else None
+
+
 class Engine:
     def __init__(self, runner, *, tokenizer, eos_token_ids: Sequence[int], vocab_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_tokens: int, enable_prefix_caching: bool = True, seed: int = 0,
@@ -58,7 +64,8 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size, self.max_model_len, self.seed, self.overlap = vocab_size, max_model_len, seed, overlap
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
+                                   rope_switch=_rope_switch(runner))
         self.builder = StepBuilder(runner.block_size, max_num_seqs=runner.max_num_seqs, max_blocks=runner.max_blocks,
                                    num_slots=max_num_seqs)
         self._intake: deque = deque()

@@ -10,6 +10,13 @@ Each step has a token budget (`max_num_tokens`) and a sequence limit (`max_num_s
 
 Counters advance when a step is scheduled (the step is queued on the device before any
 later step can read its K/V), so the next step can be planned while this one runs.
+
+Length-dependent RoPE (LongRoPE, `rope_switch` = the trained context length): a sequence at
+most that long is rotated with the short factors, a longer one with the long factors, all
+of its positions. A running sequence that grows past the switch has stale K in its cache:
+it is recomputed from token 0 (its blocks freed, its slot kept), as transformers' generate
+does at that step. Its tables carry the variant as the prefix-cache salt, so blocks of one
+variant never serve the other.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class Chunk:
     start: int          # first token computed (= tokens already in the cache)
     num_tokens: int
     samples: bool       # the chunk reaches the end of the known tokens: a new token is sampled
+    seq_len: int = 0    # the sequence's whole length when scheduled (LongRoPE's choice reads it)
 
 
 @dataclass
@@ -38,9 +46,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_tokens: int):
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_tokens: int,
+                 rope_switch: int | None = None):
         self.blocks = blocks
         self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_tokens
+        self.rope_switch = rope_switch  # a graph's meta["kv_recompute_past"]: see the module docstring
+        self.num_recomputes = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.step_count = 0
@@ -64,6 +75,8 @@ class Scheduler:
         for req in list(self.running):  # decodes first, in order (the whole loop of a steady decode step)
             if req.status != RUNNING:  # preempted earlier in this loop
                 continue
+            if req.blocks.salt != self._variant(req):  # grew past the RoPE switch: its K are stale
+                self._recompute(req)
             n = req.target_tokens() - req.num_computed_tokens
             if n > 1:
                 prefills.append(req)
@@ -80,15 +93,17 @@ class Scheduler:
                 break
             cached: list[int] = []
             if req.num_computed_tokens == 0 and not req.blocks.block_ids:
+                req.blocks.salt = salt = self._variant(req)
                 lead = req.leader
                 share = (req.num_prompt_tokens - 1) // self.blocks.block_size * self.blocks.block_size
-                if lead is not None and lead.status == RUNNING and share and not req.output_token_ids:
+                if (lead is not None and lead.status == RUNNING and share and not req.output_token_ids
+                        and lead.blocks.salt == salt):
                     if lead.num_computed_tokens < share:
                         break  # its leader is still computing the shared prompt blocks
                     req.blocks = self.blocks.fork(lead.blocks, share)
                     req.num_computed_tokens = share
                 else:
-                    cached = self.blocks.lookup(req.all_token_ids)
+                    cached = self.blocks.lookup(req.all_token_ids, salt)
             start = req.num_computed_tokens + len(cached) * self.blocks.block_size
             n = min(req.target_tokens() - start, budget)
             if not self.blocks.allocate(req.blocks, start + n, cached):
@@ -124,8 +139,9 @@ class Scheduler:
 
     def _add_chunk(self, out: SchedulerOutput, req: Request, n: int) -> None:
         start, end, known = req.num_computed_tokens, req.num_computed_tokens + n, len(req.all_token_ids)
-        samples = end == known + len(req.pending)
-        out.chunks.append(Chunk(req, start, n, samples))
+        total = known + len(req.pending)
+        samples = end == total
+        out.chunks.append(Chunk(req, start, n, samples, total))
         out.num_tokens += n
         req.num_computed_tokens = end
         table = req.blocks
@@ -133,6 +149,19 @@ class Scheduler:
             self.blocks.commit(table, req.all_token_ids, min(end, known))
         if samples:
             req.pending.append((out.step, len(out.chunks) - 1))
+
+    def _variant(self, req: Request) -> int | None:
+        """Which RoPE variant `req`'s K/V must be computed with now: None (no switch), 0 (at
+        most `rope_switch` tokens: short factors) or 1 (long factors)."""
+        return None if self.rope_switch is None else int(req.num_tokens > self.rope_switch)
+
+    def _recompute(self, req: Request) -> None:
+        """Compute running `req` again from token 0 (slot kept, blocks freed: shared ones stay
+        with their other holders): it has grown past the RoPE switch."""
+        self.blocks.free_table(req.blocks)
+        req.blocks = BlockTable(salt=self._variant(req))
+        req.num_computed_tokens = 0
+        self.num_recomputes += 1
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -14,7 +14,7 @@ def reference_batch(plan, max_num_seqs, max_blocks):
     for c in plan.chunks:
         toks = list(c.req.all_token_ids[c.start:c.start + c.num_tokens])
         toks += [0] * (c.num_tokens - len(toks))  # a token still on the device
-        chunks.append(SeqChunk(toks, c.start, list(c.req.blocks.block_ids)))
+        chunks.append(SeqChunk(toks, c.start, list(c.req.blocks.block_ids), seq_len=c.seq_len))
     T = bucket(plan.num_tokens, 16)
     S = min(T, max_num_seqs)
     B = min(max_blocks, bucket(max(len(c.block_table) for c in chunks), 16))
