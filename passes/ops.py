@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from kiln.graph.ir import TensorType
 from kiln.graph.ops import REGISTRY, ShapeError, register_op
+from kiln.runtime.kernels.quant_matmul import quant_matmul, unpack_int4  # noqa: F401 (re-exported)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 QUANT_MODES = ("fp8", "int8_wo", "int4_wo")
@@ -148,13 +149,6 @@ def _qlinear_shape(attrs, x, w, scale, *extras):
     return TensorType(x.shape[:-1] + out, x.dtype, axes)
 
 
-def unpack_int4(w, dtype):
-    """u8[K/2, ...] (row 2i in the low nibble, 2i+1 in the high) -> dtype[K, ...], codes 0..15."""
-    lo = w & 0xF
-    hi = w >> 4
-    return jnp.stack([lo, hi], axis=1).reshape((2 * w.shape[0],) + w.shape[1:]).astype(dtype)
-
-
 # Below this many tokens an fp8 matmul runs as W8A16 (the weight converted inside the dot, no
 # activation rounding): on the H100 the FP8 GEMM plus the per-token activation quantization
 # ran at 0.6 TB/s at M = 1-64 against 1.6 TB/s for the converted weight (BENCHMARKS.md).
@@ -172,9 +166,14 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     min_tokens = FP8_W8A8_MIN_TOKENS if w8a8_min_tokens is None else w8a8_min_tokens
-    if mode == "fp8" and x2.shape[0] < min_tokens:
-        y = jnp.matmul(x2, w.reshape(in_features, n_out).astype(x.dtype)) * scale.reshape(1, n_out).astype(x.dtype)
-    elif mode == "fp8":
+    # weight-only (int8, int4, fp8 below min_tokens): XLA's convert-in-dot or the fused
+    # dequantizing kernel (runtime/kernels/quant_matmul.py; not under tensor parallelism)
+    qimpl = "xla" if getattr(ctx, "shard", None) is not None else "auto"
+    if mode != "fp8" or x2.shape[0] < min_tokens:
+        y = quant_matmul(x2, w.reshape(-1, n_out), scale.reshape(-1, n_out),
+                         minimum.reshape(-1, n_out) if mode == "int4_wo" else None,
+                         mode=mode, group_size=group_size, impl=qimpl)
+    else:
         # W8A8: dynamic per-token activation scale, per-channel weight scale. Written as
         # "dequantize then matmul" so XLA's GEMM rewriter emits one FP8 cuBLASLt call on Hopper;
         # the two scale vectors are applied to the product.
@@ -183,14 +182,6 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
         xq = (xf / sa).astype(jnp.float8_e4m3fn)
         y = jnp.matmul(xq.astype(x.dtype), w.reshape(in_features, n_out).astype(x.dtype))
         y = (y.astype(jnp.float32) * sa * scale.reshape(1, n_out).astype(jnp.float32)).astype(x.dtype)
-    elif mode == "int8_wo":
-        y = jnp.matmul(x2, w.reshape(in_features, n_out).astype(x.dtype)) * scale.reshape(1, n_out).astype(x.dtype)
-    else:
-        g = group_size
-        wd = unpack_int4(w.reshape(in_features // 2, n_out), x.dtype).reshape(in_features // g, g, n_out)
-        wd = (wd * scale.reshape(in_features // g, 1, n_out).astype(x.dtype)
-              + minimum.reshape(in_features // g, 1, n_out).astype(x.dtype)).reshape(in_features, n_out)
-        y = jnp.matmul(x2, wd)
     y = y.reshape(lead + out)
     if bias:
         y = y + extras[0].astype(y.dtype)

@@ -1,0 +1,282 @@
+"""Fused dequantizing matmuls for small M (decode and small mixed batches): one Pallas kernel
+(Triton backend on the GPU, `interpret=True` on the CPU) beside its plain-JAX reference.
+
+    y[M, N] = x[M, K] @ dequant(W[K, N])
+
+    int8_wo, fp8   W i8 / f8e4m3 [K, N], scale f32 [N]         w = q * scale[n]
+    int4_wo        W u8 [K/2, N] (row 2i low nibble, 2i+1 high), scale, min f16 [K/g, N]
+                                                               w = q * scale[k//g, n] + min[k//g, n]
+
+Work decomposition. Each program owns a [block_m, block_n] output tile and one of `splits`
+slices of K, walking it in steps of `block_k` rows: it loads the weight tile once, converts
+it to the activation dtype in registers (int4: unpacks the nibbles and applies the group's
+scale and min), and accumulates `x_tile @ w_tile` in fp32; per-channel scales are applied
+once after the loop. The activations of int4 go in as their even and odd K columns (one
+packed byte row = one even and one odd weight row), so no nibble interleaving happens::
+
+    grid (m tile, n tile, split)     m fastest: tiles that share weights run side by side
+    split s covers K steps [s * steps, (s + 1) * steps)  -> fp32 partials, summed outside
+
+With few tokens N / block_n programs leave most of the H100's 132 SMs idle, hence split-K.
+
+Implementations (`impl`): "xla" (the reference: XLA converts the weight inside the dot),
+"pallas" (the kernel), "interpret" (the kernel in Pallas interpret mode, for CPU tests) and
+"auto": the kernel on a GPU for 16-bit activations when the shape tiles and M is at most
+`AUTO_MAX_M`, XLA elsewhere. `KILN_QMATMUL=xla|pallas|interpret|auto` overrides "auto".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kiln.errors import ConfigError
+
+IMPLS = ("auto", "xla", "pallas", "interpret")
+MODES = ("fp8", "int8_wo", "int4_wo")
+NUM_CORES = 132  # H100 SXM
+# "auto" runs the kernel up to this many tokens (BENCHMARKS.md, "Fused dequantizing matmuls")
+AUTO_MAX_M = 64
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def unpack_int4(w, dtype):
+    """u8[K/2, ...] (row 2i in the low nibble, 2i+1 in the high) -> dtype[K, ...], codes 0..15."""
+    lo = w & 0xF
+    hi = w >> 4
+    return jnp.stack([lo, hi], axis=1).reshape((2 * w.shape[0],) + w.shape[1:]).astype(dtype)
+
+
+def quant_matmul_reference(x, w, scale, minimum=None, *, mode: str, group_size: int | None = None):
+    """The XLA path: x [M, K] @ dequant(w) -> [M, N] in x's dtype. int8/fp8 convert the weight
+    inside the dot and scale the product; int4 dequantizes the whole weight first."""
+    k, n = x.shape[-1], w.shape[-1]
+    if mode in ("fp8", "int8_wo"):
+        return jnp.matmul(x, w.astype(x.dtype)) * scale.reshape(1, n).astype(x.dtype)
+    g = group_size
+    wd = unpack_int4(w, x.dtype).reshape(k // g, g, n)
+    wd = (wd * scale.reshape(k // g, 1, n).astype(x.dtype) + minimum.reshape(k // g, 1, n).astype(x.dtype))
+    return jnp.matmul(x, wd.reshape(k, n))
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class QMatmulConfig:
+    block_m: int      # token rows per tile (>= 16: the tensor-core matmul's smallest M)
+    block_n: int      # output channels per tile
+    block_k: int      # weight rows (unpacked) per inner step; int4: a multiple of the group
+    splits: int = 1   # slices of K per tile (split-K), fp32 partials summed outside
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _fit(want: int, dim: int, floor: int) -> int | None:
+    """The largest power of two <= want (and >= floor) that divides dim."""
+    b = _pow2(want) if _pow2(want) == want else _pow2(want) // 2
+    while b >= floor and dim % b:
+        b //= 2
+    return b if b >= floor else None
+
+
+# Defaults per (weight kind, M bucket): (block_n, block_k, num_warps, num_stages), from the
+# H100 sweep in BENCHMARKS.md; splits are derived from the grid size.
+TUNED = {
+    ("8bit", 16): (64, 256, 4, 4),
+    ("8bit", 64): (64, 256, 4, 3),
+    ("8bit", 256): (128, 128, 8, 3),
+    ("int4", 16): (64, 256, 4, 4),
+    ("int4", 64): (64, 256, 4, 3),
+    ("int4", 256): (128, 128, 8, 3),
+}
+
+
+def _bucket(m: int) -> int:
+    return 16 if m <= 16 else 64 if m <= 64 else 256
+
+
+def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = None,
+                  num_cores: int = NUM_CORES, **override) -> QMatmulConfig | None:
+    """Static tile choice from static shapes (None when the shape does not tile). Split-K
+    doubles while the grid would fill the GPU less than twice and every split keeps at
+    least four K steps. `override` replaces fields of the tuned default."""
+    kind = "int4" if mode == "int4_wo" else "8bit"
+    bn, bk, warps, stages = TUNED[(kind, _bucket(m))]
+    bm = override.get("block_m") or min(max(16, _pow2(m)), 64 if m <= 64 else 128)
+    bn = _fit(override.get("block_n", bn), n, 16)
+    floor = max(group_size or 16, 16) if kind == "int4" else 16
+    bk = _fit(override.get("block_k", max(bk, floor)), k, floor)
+    if bn is None or bk is None or (kind == "int4" and (k % group_size or bk % group_size or group_size < 32)):
+        return None
+    steps = k // bk
+    tiles = -(-m // bm) * (n // bn)
+    splits = override.get("splits")
+    if splits is None:
+        splits = 1
+        while tiles * splits < 2 * num_cores and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
+            splits *= 2
+    if steps % splits:
+        return None
+    return QMatmulConfig(bm, bn, bk, splits, override.get("num_warps", warps), override.get("num_stages", stages))
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params across jax versions (`CompilerParams` was `TritonCompilerParams`)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+    if cls is not None:
+        return cls(num_warps=num_warps, num_stages=num_stages)
+    return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _dot(a, b, exact: bool):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                           precision=lax.Precision.HIGHEST if exact else None)
+
+
+def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool):
+    from jax.experimental import pallas as pl
+
+    split = pl.program_id(2)
+    bm, bn = o_ref.shape[-2:]
+
+    def body(i, acc):
+        k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
+        x = x_ref[:, pl.ds(k0, block_k)]                                   # [bm, bk]
+        w = w_ref[pl.ds(k0, block_k), :].astype(x.dtype)                   # [bk, bn] in registers
+        return acc + _dot(x, w, exact)
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = (acc * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
+
+
+def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, steps: int, group: int,
+                 exact: bool):
+    from jax.experimental import pallas as pl
+
+    split = pl.program_id(2)
+    bm, bn = o_ref.shape[-2:]
+    half, per_step = group // 2, block_k // group                         # packed rows per group
+
+    def body(i, acc):
+        step = split * steps + i
+        for j in range(per_step):                                          # one dot pair per group
+            gi = step * per_step + j
+            p0 = pl.multiple_of(gi * half, half)
+            q = w_ref[pl.ds(p0, half), :]                                  # u8 [g/2, bn]
+            s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)                 # [1, bn]
+            mn = m_ref[pl.ds(gi, 1), :].astype(jnp.float32)
+            xe = xe_ref[:, pl.ds(p0, half)]                                # [bm, g/2] rows 2i
+            xo = xo_ref[:, pl.ds(p0, half)]                                # rows 2i + 1
+            lo = ((q & 0xF).astype(jnp.float32) * s + mn).astype(xe.dtype)
+            hi = ((q >> 4).astype(jnp.float32) * s + mn).astype(xe.dtype)
+            acc = acc + _dot(xe, lo, exact) + _dot(xo, hi, exact)
+        return acc
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int | None = None,
+                        config: QMatmulConfig | None = None, interpret: bool = False):
+    """The kernel: x [M, K] @ dequant(w) -> [M, N] in x's dtype (shapes as in the module doc)."""
+    from jax.experimental import pallas as pl
+
+    m, k = x.shape
+    n = w.shape[-1]
+    cfg = config or choose_config(m, k, n, mode, group_size)
+    if cfg is None:
+        raise ConfigError(f"the quantized matmul kernel does not tile {mode} [{m}, {k}] x [{k}, {n}]"
+                          f" (group {group_size}); use KILN_QMATMUL=xla")
+    bm, bn, bk, sp = cfg.block_m, cfg.block_n, cfg.block_k, cfg.splits
+    mp = -(-m // bm) * bm
+    steps = k // bk // sp
+    grid = (mp // bm, n // bn, sp)
+    exact = jnp.dtype(x.dtype) == jnp.float32
+    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    if mode == "int4_wo":
+        xe, xo = xp[:, 0::2], xp[:, 1::2]                                  # [Mp, K/2] each
+        ng = k // group_size
+        kernel = functools.partial(_kernel_int4, block_k=bk, steps=steps, group=group_size, exact=exact)
+        args = (xe, xo, w, scale.reshape(ng, n), minimum.reshape(ng, n))
+        in_specs = [pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))] * 2 + [
+            pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
+            pl.BlockSpec((ng, bn), lambda i, j, s: (0, j)),
+            pl.BlockSpec((ng, bn), lambda i, j, s: (0, j))]
+    else:
+        kernel = functools.partial(_kernel_8bit, block_k=bk, steps=steps, exact=exact)
+        args = (xp, w, scale.reshape(1, n))
+        in_specs = [pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)),
+                    pl.BlockSpec((k, bn), lambda i, j, s: (0, j)),
+                    pl.BlockSpec((1, bn), lambda i, j, s: (0, j))]
+    if sp == 1:
+        out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((sp, mp, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    out = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape, interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
+        name=f"kiln_qmatmul_{mode}_m{bm}_n{bn}_k{bk}_s{sp}",
+    )(*args)
+    if sp > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out[:m]
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int | None, dtype) -> str:
+    """The implementation that runs: "auto" (or `KILN_QMATMUL`) is the kernel on a GPU for
+    16-bit activations with M <= AUTO_MAX_M where the shape tiles, XLA elsewhere; an explicit
+    "pallas"/"interpret" is checked, never changed."""
+    if impl not in IMPLS:
+        raise ConfigError(f"unknown quantized matmul implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = os.environ.get("KILN_QMATMUL", "auto")
+        if impl not in IMPLS:
+            raise ConfigError(f"KILN_QMATMUL={impl!r} is not one of {', '.join(IMPLS)}; unset it or fix it")
+    tiles = choose_config(m, k, n, mode, group_size) is not None
+    if impl == "auto":
+        ok = (jax.default_backend() == "gpu" and m <= AUTO_MAX_M and tiles
+              and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+        return "pallas" if ok else "xla"
+    if impl in ("pallas", "interpret") and not tiles:
+        raise ConfigError(f"the quantized matmul kernel does not tile {mode} [{m}, {k}] x [{k}, {n}] "
+                          f"(needs K, N multiples of 16, int4 groups >= 32); use KILN_QMATMUL=xla")
+    return impl
+
+
+def quant_matmul(x, w, scale, minimum=None, *, mode: str, group_size: int | None = None, impl: str = "auto",
+                 config: QMatmulConfig | None = None):
+    """x [M, K] @ dequant(w [K or K/2, N]) -> [M, N] in x's dtype, by `impl` (see IMPLS)."""
+    if mode not in MODES:
+        raise ConfigError(f"quantized matmul mode must be one of {MODES}, got {mode!r}")
+    m, k = x.shape
+    impl = resolve_impl(impl, m, k, w.shape[-1], mode, group_size, x.dtype)
+    if impl == "xla":
+        return quant_matmul_reference(x, w, scale, minimum, mode=mode, group_size=group_size)
+    return quant_matmul_pallas(x, w, scale, minimum, mode=mode, group_size=group_size, config=config,
+                               interpret=impl == "interpret")
+
+
+__all__ = ["QMatmulConfig", "choose_config", "quant_matmul", "quant_matmul_pallas", "quant_matmul_reference",
+           "resolve_impl", "unpack_int4", "IMPLS", "AUTO_MAX_M"]
