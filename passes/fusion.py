@@ -1,6 +1,8 @@
 """Fusion rules: fewer, larger matmuls and one pass over the hidden state per norm.
 
-Per Llama layer the matmuls go 7 -> 4 (q, k, v, o, gate, up, down -> qkv, o, gate_up, down).
+Per Llama layer the matmuls go 7 -> 4 (q, k, v, o, gate, up, down -> qkv, o, gate_up, down);
+QK-norm layers (Qwen3, Qwen3-MoE, Gemma3) fuse QKV alike, the per-head norms moving into
+`qkv_attention` after its split.
 Fused weight layouts (tensor parallelism splits them on the named axes without breaking
 heads; passes/sharding.py relies on them):
 
@@ -69,6 +71,12 @@ def _fuse_qkv(rw: Rewriter, m: Match):
     lins = [m.node(n) for n in ("lq", "lk", "lv")]
     if any(not rw.single_use(n.name) for n in lins):
         return False
+    qk_norm = None
+    if "qn" in m:  # QK-norm: the same norm on q and k heads, nothing else reading the unnormed heads
+        qn, kn = m.node("qn"), m.node("kn")
+        if qn.attrs != kn.attrs or not all(rw.single_use(x) for x in (m.qn, m.kn, *qn.inputs[:1], *kn.inputs[:1])):
+            return False
+        qk_norm = dict(qn.attrs)
     has_bias = [m.get(b) is not None for b in ("bq", "bk", "bv")]
     if any(has_bias) and not all(has_bias):
         return False
@@ -89,9 +97,16 @@ def _fuse_qkv(rw: Rewriter, m: Match):
     qkv = rw.node("linear", m.x, w, b, name=pre + "qkv_proj")               # [T, KVH, G + 2, D]
     attrs = dict(attn.attrs)
     attrs.setdefault("rope", None)
-    out = rw.node("qkv_attention", qkv, *m.ctx, name=attn.name, **attrs)
+    norms = ()
+    if qk_norm is not None:
+        attrs["qk_norm"], norms = qk_norm, (m.nq, m.nk)
+    out = rw.node("qkv_attention", qkv, *m.ctx, *norms, name=attn.name, **attrs)
     rw.replace(attn.name, out)
     rw.remove(attn.name)
+
+
+def _normed(x: str, w: str, b: str, lin: str, norm_w: str, norm: str) -> Pat:
+    return Pat("rms_norm", _proj(x, w, b, lin), Param_(norm_w), name=norm)
 
 
 FUSE_QKV = [
@@ -99,6 +114,11 @@ FUSE_QKV = [
     #   -> qkv_attention(x @ w_qkv[E, KVH, G + 2, D], ...)
     Rule("fuse_qkv", Pat(("attention", "rope_attention"), _proj("x", "wq", "bq", "lq"), _proj("x", "wk", "bk", "lk"),
                          _proj("x", "wv", "bv", "lv"), rest="ctx", name="attn"), _fuse_qkv),
+    # (rope_)attention(rms_norm(reshape(x @ wq), nq), rms_norm(reshape(x @ wk), nk), reshape(x @ wv), ...)
+    #   -> qkv_attention(x @ w_qkv, ..., nq, nk){qk_norm}        (QK-norm after the split)
+    Rule("fuse_qkv_norm", Pat(("attention", "rope_attention"), _normed("x", "wq", "bq", "lq", "nq", "qn"),
+                              _normed("x", "wk", "bk", "lk", "nk", "kn"), _proj("x", "wv", "bv", "lv"),
+                              rest="ctx", name="attn"), _fuse_qkv),
 ]
 
 

@@ -3,7 +3,10 @@
     swiglu(gu[..., 2, M])                      -> silu(gu[..., 0, :]) * gu[..., 1, :]
     add_rms_norm(x, r, w)                      -> [2, T, E]: (x + r, rms_norm(x + r, w))
     part(y[2, ...], index)                     -> y[index]
-    qkv_attention(qkv[T, KVH, G+2, D], ctx..)  -> rope(q), rope(k), v split from qkv, then attention
+    qkv_attention(qkv[T, KVH, G+2, D], ctx..[, q_norm_w, k_norm_w])
+                                               -> q, k, v split from qkv, QK-norm (per head, over D:
+                                                  `qk_norm` = the rms_norm attrs), rope(q), rope(k),
+                                                  then attention
     rope_attention(q, k, v, ctx..)             -> attention(rope(q), rope(k), v)
     qlinear(x, w_q, scale[, min][, bias][, smooth]) -> x @ dequant(w_q, scale[, min]) (+ bias); min: int4 only
 
@@ -99,22 +102,35 @@ def _split_qkv(qkv):
     return q, qkv[:, :, g2 - 2, :], qkv[:, :, g2 - 1, :]
 
 
+NUM_ATTENTION_CTX = 6  # positions, seq_ids, slot_mapping, block_tables, context_lens, query_start_loc
+
+
 def _qkv_attention_shape(attrs, qkv, *rest):
     _require(qkv.rank == 4 and isinstance(qkv.shape[2], int) and qkv.shape[2] >= 3,
              f"qkv must be [tokens, kv_heads, group + 2, head_dim], got {qkv}")
     t, kvh, g2, d = qkv.shape
+    rest, norms = rest[:NUM_ATTENTION_CTX], rest[NUM_ATTENTION_CTX:]
+    _require(len(norms) == (2 if attrs.get("qk_norm") is not None else 0),
+             f"qkv_attention takes q and k norm weights exactly when `qk_norm` is set, got {len(norms)}")
+    for w in norms:
+        _require(w.shape == (d,), f"QK-norm weight {w} must be [{d}] (head_dim)")
     q = TensorType((t, kvh * (g2 - 2), d), qkv.dtype, (None, "heads", None))
     kv = TensorType((t, kvh, d), qkv.dtype, (None, "kv_heads", None))
+    attrs = {k_: v_ for k_, v_ in attrs.items() if k_ != "qk_norm"}
     return _rope_attention_shape(attrs, q, kv, kv, *rest)
 
 
-def _qkv_attention_lower(ctx, qkv, *rest, rope=None, **attrs):
+def _qkv_attention_lower(ctx, qkv, *rest, rope=None, qk_norm=None, **attrs):
     q, k, v = _split_qkv(qkv)
+    rest, norms = rest[:NUM_ATTENTION_CTX], rest[NUM_ATTENTION_CTX:]
+    if qk_norm is not None:  # Qwen3 / Gemma3: RMSNorm of each q and k head before the rotary
+        norm = REGISTRY["rms_norm"].lower
+        q, k = norm(ctx, q, norms[0], **qk_norm), norm(ctx, k, norms[1], **qk_norm)
     return _call_attention(ctx, q, k, v, *rest, rope, attrs)
 
 
 register_op("rope_attention", _rope_attention_shape, _rope_attention_lower, inputs=9)
-register_op("qkv_attention", _qkv_attention_shape, _qkv_attention_lower, inputs=7)
+register_op("qkv_attention", _qkv_attention_shape, _qkv_attention_lower, inputs=(7, 9))
 
 
 # --------------------------------------------------------------------------- quantized matmul

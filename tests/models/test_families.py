@@ -7,7 +7,7 @@ checks are in test_<family>.py."""
 
 import pytest
 
-from tests.models.arch_helpers import FAMILIES, prompts
+from tests.models.arch_helpers import FAMILIES, prompts, rel_err
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 CASES = [(name, kind) for name in FAMILIES for kind in ("plain", "pipeline", "pipeline_tp2")]
@@ -26,3 +26,28 @@ def test_matches_transformers(family, name, kind):
 def test_llm_generate(family, name):
     fam = family(name)
     fam.check_llm(prompts((6,), seed=4)[0])  # Phi-3: 6 + 32 tokens cross LongRoPE's switch at 16
+
+
+QK_NORM = ("qwen3", "qwen3_moe", "gemma3")
+
+
+@pytest.mark.parametrize("name", QK_NORM)
+def test_qkv_fusion_with_qk_norm(family, name):
+    """QK-norm families fuse q, k, v into one matmul too (the per-head norms applied after the
+    split, inside qkv_attention): two matmuls fewer per layer, logits equal to the unfused graph."""
+    from kiln.passes import matmuls_per_layer
+
+    fam = family(name)
+    plain, fused = fam.variant("plain"), fam.variant("pipeline")
+    n = fam.config.num_layers
+    # q, k, v -> qkv, and gate, up -> gate_up where the MLP is SwiGLU (Gemma3's GeGLU stays unfused):
+    # (unfused, fused) matmuls per layer
+    want_unfused, want_fused = {"qwen3": (7, 4), "qwen3_moe": (5, 3), "gemma3": (7, 5)}[name]
+    assert [matmuls_per_layer(fam.graph, i) for i in range(n)] == [want_unfused] * n
+    assert [matmuls_per_layer(fused.graph, i) for i in range(n)] == [want_fused] * n
+    attn = [nd for nd in fused.graph.nodes if nd.op == "qkv_attention"]
+    assert len(attn) == n and all(nd.attrs["qk_norm"] and nd.inputs[-2].endswith("q_norm.w") for nd in attn)
+    assert not any(nd.op == "rms_norm" and nd.name.endswith(("q_norm", "k_norm")) for nd in fused.graph.nodes)
+    ids = prompts((5, 19, 40))
+    for a, b in zip(fam.batch_logits(ids, fused), fam.batch_logits(ids, plain)):
+        assert rel_err(a, b) < 1e-5
