@@ -1,0 +1,112 @@
+"""The fused dequantizing matmul kernel (Pallas interpret mode on the CPU) against the
+dequantized-weights reference, its config rules and dispatch, and a quantized model's greedy
+tokens through the kernel equal to those through XLA's path."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kiln.errors import ConfigError
+from kiln.passes import compile_model
+from kiln.passes import quantize as qz
+from kiln.runtime.batch import SeqChunk
+from kiln.runtime.kernels import quant_matmul as qm
+from tests.helpers import Stepper
+from tests.passes.util import load_tiny
+
+
+def _case(rng, mode, m, k, n, group, dtype=np.float32):
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    parts = qz.quantize_weight(mode, w, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ qz.dequantize(mode, *parts, group=group).astype(np.float64)
+    return jnp.asarray(x, dtype), [jnp.asarray(a) for a in parts], ref
+
+
+def _rel(y, ref):
+    return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(qm.MODES), m=st.sampled_from((1, 3, 17, 130)), k=st.sampled_from((128, 256)),
+       n=st.sampled_from((16, 48, 64)), group=st.sampled_from((32, 64, 128)), splits=st.sampled_from((1, 2)),
+       seed=st.integers(0, 2 ** 16))
+def test_kernel_equals_reference(mode, m, k, n, group, splits, seed):
+    group = group if mode == "int4_wo" else None
+    x, parts, ref = _case(np.random.default_rng(seed), mode, m, k, n, group)
+    cfg = qm.choose_config(m, k, n, mode, group, block_k=max(group or 0, 64), splits=splits)
+    assert cfg is not None and cfg.block_m >= 16
+    y = qm.quant_matmul_pallas(x, *parts, mode=mode, group_size=group, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    # fp32 activations: exact up to fp32 rounding (the dequantized weights are exact in fp32)
+    assert _rel(y, ref) < 1e-5
+    assert _rel(qm.quant_matmul_reference(x, *parts, mode=mode, group_size=group), ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode,group", [("int8_wo", None), ("fp8", None), ("int4_wo", 32)])
+def test_kernel_bf16_activations(mode, group):
+    """bf16 activations, weights converted to bf16 in registers, fp32 accumulation: within
+    bf16 rounding of the dequantized-weights fp32 reference."""
+    x, parts, ref = _case(np.random.default_rng(3), mode, 5, 256, 64, group, jnp.bfloat16)
+    y = qm.quant_matmul(x, *parts, mode=mode, group_size=group, impl="interpret")
+    assert y.dtype == jnp.bfloat16 and _rel(y, ref) < 1e-2
+
+
+def test_choose_config():
+    # decode on the 8B's o_proj: 64 tiles of N leave the 132 SMs idle, split-K fills them
+    one = qm.choose_config(1, 4096, 4096, "int8_wo")
+    assert one.block_m == 16 and one.splits > 1 and 4096 // one.block_n * one.splits >= 132
+    assert 4096 // one.block_k // one.splits >= 4  # every split keeps several K steps
+    # gate_up is wide enough on its own
+    assert qm.choose_config(1, 4096, 28672, "fp8").splits <= 2
+    big = qm.choose_config(256, 4096, 4096, "int8_wo")
+    assert big.block_m >= 64
+    cfg = qm.choose_config(1, 4096, 6144, "int4_wo", 128)
+    assert cfg.block_k % 128 == 0
+    # shapes that do not tile: N not a multiple of 16, int4 groups under 32
+    assert qm.choose_config(1, 256, 100, "int8_wo") is None
+    assert qm.choose_config(1, 256, 64, "int4_wo", 16) is None
+
+
+def test_dispatch_auto_and_switch(monkeypatch):
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    assert qm.resolve_impl("auto", 1, 256, 64, "int8_wo", None, bf16) == "xla"  # CPU
+    monkeypatch.setenv("KILN_QMATMUL", "interpret")
+    assert qm.resolve_impl("auto", 1, 256, 64, "int8_wo", None, f32) == "interpret"
+    assert qm.resolve_impl("xla", 1, 256, 64, "int8_wo", None, f32) == "xla"  # explicit wins
+    monkeypatch.setenv("KILN_QMATMUL", "fast")
+    with pytest.raises(ConfigError, match="KILN_QMATMUL"):
+        qm.resolve_impl("auto", 1, 256, 64, "int8_wo", None, f32)
+    with pytest.raises(ConfigError, match="unknown quantized matmul"):
+        qm.resolve_impl("triton", 1, 256, 64, "int8_wo", None, f32)
+    with pytest.raises(ConfigError, match="does not tile"):
+        qm.resolve_impl("pallas", 1, 256, 100, "int8_wo", None, f32)
+
+
+def _greedy(graph, params, prompt, n):
+    st_ = Stepper(graph, params)
+    table = st_.new_table()
+    out = st_.step([SeqChunk(prompt, 0, table)], pad_tokens=16, pad_seqs=2)
+    toks = [int(np.argmax(out[0][-1]))]
+    for i in range(n - 1):
+        out = st_.step([SeqChunk([toks[-1]], len(prompt) + i, table)], pad_tokens=4, pad_seqs=2)
+        toks.append(int(np.argmax(out[0][-1])))
+    return toks
+
+
+@pytest.mark.parametrize("mode", ["int4_wo", "fp8"])
+def test_quantized_model_greedy_kernel_equals_xla(ckpt, monkeypatch, mode):
+    graph, params = load_tiny(ckpt)
+    g, p = compile_model(graph, params, quantization=mode)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(0, 300, 11)]
+    monkeypatch.setenv("KILN_QMATMUL", "xla")
+    want = _greedy(g, p, prompt, 4)
+    monkeypatch.setenv("KILN_QMATMUL", "interpret")
+    calls = []
+    kernel = qm.quant_matmul_pallas
+    monkeypatch.setattr(qm, "quant_matmul_pallas", lambda *a, **kw: calls.append(kw["interpret"]) or kernel(*a, **kw))
+    assert _greedy(g, p, prompt, 4) == want
+    # every projection (4 per layer, 2 layers) of each traced step went through the kernel
+    assert calls and calls == [True] * len(calls) and len(calls) % (4 * 2) == 0
