@@ -8,6 +8,8 @@ and casts it, checks the shape against the declaration and hands it to `put` (by
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -121,7 +123,9 @@ def load_params(graph: Graph, cfg: ModelConfig, source: WeightSource, *,
 
 
 def random_params(graph: Graph, seed: int = 0, *, std: float = 0.02) -> dict[str, object]:
-    """Random weights from each declaration's initializer (for random-weight engines and tests)."""
+    """Random weights from each declaration's initializer (for random-weight engines and tests).
+    One jitted generator per (shape, dtype, std): the normal is drawn in float32 and cast inside
+    it, so no float32 copy of a weight is ever materialised and each shape compiles once."""
     import jax
     import jax.numpy as jnp
 
@@ -134,9 +138,17 @@ def random_params(graph: Graph, seed: int = 0, *, std: float = 0.02) -> dict[str
         elif p.init == "ones":
             params[p.name] = jnp.ones(p.type.shape, dtype)
         else:
-            s = p.init_args.get("std", std)
-            params[p.name] = (jax.random.normal(jax.random.fold_in(key, i), p.type.shape, jnp.float32) * s).astype(dtype)
+            s = float(p.init_args.get("std", std))
+            params[p.name] = _normal(tuple(p.type.shape), dtype.name, s)(jax.random.fold_in(key, i))
     return params
+
+
+@functools.lru_cache(maxsize=None)
+def _normal(shape: tuple, dtype: str, std: float):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype))
 
 
 class Checkpoint:

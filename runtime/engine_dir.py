@@ -115,11 +115,13 @@ class EngineWriter:
     def save_weights(self, params, *, wait: bool = True):
         """Write the parameters with orbax; with `wait=False` the write goes on in the
         background until `wait()`, after the device-to-host copy (done here: copying while
-        the build compiles ran the H100 out of memory for the Llama-3-8B shape)."""
+        the build compiles ran the H100 out of memory for the Llama-3-8B shape). Stored
+        uncompressed (`_checkpointer`): weights barely compress, and zstd decoding bounded
+        the restore."""
         import orbax.checkpoint as ocp
 
-        self._ckptr = ocp.StandardCheckpointer()
-        self._ckptr.save(self.tmp / "weights", params)
+        self._ckptr = _checkpointer(asynchronous=True)
+        self._ckptr.save(self.tmp / "weights", args=ocp.args.PyTreeSave(params))
         if wait:
             self.wait()
 
@@ -215,7 +217,8 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     target = weight_shapes(manifest, shardings)
     rebuild = manifest.get("build_command", "kiln build")
     try:
-        params = ocp.StandardCheckpointer().restore(d / "weights", target)
+        params = _checkpointer().restore(d / "weights", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     except Exception as e:  # orbax/tensorstore raise many types for truncated or missing files
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise EngineError(f"{d / 'weights'}: cannot restore weights ({msg}); rebuild with: {rebuild}") from None
@@ -225,6 +228,14 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
             raise EngineError(f"{d / 'weights'}: {name} is {a.dtype}{list(a.shape)}, engine.json says {dtype}{shape}; "
                               f"rebuild with: {rebuild}")
     return params
+
+
+def _checkpointer(asynchronous: bool = False):
+    """orbax's PyTree checkpointer over zarr3 + OCDBT, without zstd compression."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False)
+    return ocp.AsyncCheckpointer(handler) if asynchronous else ocp.Checkpointer(handler)
 
 
 def use_compile_cache(directory: str | os.PathLike):
