@@ -2,7 +2,7 @@
 
 Per Llama layer the matmuls go 7 -> 4 (q, k, v, o, gate, up, down -> qkv, o, gate_up, down);
 QK-norm layers (Qwen3, Qwen3-MoE, Gemma3) fuse QKV alike, the per-head norms moving into
-`qkv_attention` after its split.
+`qkv_attention` after its split; Phi-3's LongRoPE folds into attention like plain RoPE.
 Fused weight layouts (tensor parallelism splits them on the named axes without breaking
 heads; passes/sharding.py relies on them):
 
@@ -43,10 +43,28 @@ def _fold_rope(rw: Rewriter, m: Match):
     rw.remove(attn.name)
 
 
+def _longrope(x: str, name: str) -> Pat:
+    return Pat("longrope", Any_(x), Input_("positions"), Input_("seq_ids"), Any_("lens"), name=name)
+
+
+def _fold_longrope(rw: Rewriter, m: Match):
+    q_rope, k_rope, attn = m.node("q_rope"), m.node("k_rope"), m.node("attn")
+    if q_rope.attrs != k_rope.attrs:
+        return False
+    out = rw.node("rope_attention", m.q, m.k, m.v, *m.ctx, m.lens, name=attn.name, **attn.attrs,
+                  rope={"op": "longrope", **q_rope.attrs})
+    rw.replace(attn.name, out)
+    rw.remove(attn.name)
+
+
 FOLD_ROPE = [
     # attention(rope(q, pos), rope(k, pos), v, ...) -> rope_attention(q, k, v, ...){rope}
     Rule("fold_rope", Pat("attention", _rope("q", "q_rope"), _rope("k", "k_rope"), Any_("v"), rest="ctx", name="attn"),
          _fold_rope),
+    # attention(longrope(q, pos, seq_ids, lens), longrope(k, ..), v, ...)
+    #   -> rope_attention(q, k, v, ..., lens){rope: op=longrope}        (Phi-3)
+    Rule("fold_longrope", Pat("attention", _longrope("q", "q_rope"), _longrope("k", "k_rope"), Any_("v"), rest="ctx",
+                              name="attn"), _fold_longrope),
 ]
 
 
@@ -145,13 +163,16 @@ def _fuse_gate_up(rw: Rewriter, m: Match):
         b = rw.param(pre + "gate_up_proj.b", (2, wg.shape[1]), rw.type_of(m.bg).dtype, (None, wg.axes[1]), init="zeros")
         rw.weights([b], [m.bg, m.bu], fuse_gate_up_weights)
     gu = rw.node("linear", m.x, w, b, name=pre + "gate_up_proj")            # [T, 2, M]
-    rw.replace(m.swiglu, rw.node("swiglu", gu, name=m.node("swiglu").name))
+    act = m.node("act")
+    op = "swiglu" if act.op == "silu" else "geglu"
+    rw.replace(m.swiglu, rw.node(op, gu, name=m.node("swiglu").name, **act.attrs))
 
 
 FUSE_GATE_UP = [
-    # mul(silu(x @ wg), x @ wu) -> swiglu(x @ w_gu[E, 2, M])
+    # mul(silu(x @ wg), x @ wu) -> swiglu(x @ w_gu[E, 2, M]);  mul(gelu(..), ..) -> geglu(..) (Gemma)
     Rule("fuse_gate_up",
-         Pat("mul", Pat("silu", Pat("linear", Any_("x"), Param_("wg"), Param_("bg", optional=True), name="lg"), name="act"),
+         Pat("mul", Pat(("silu", "gelu"), Pat("linear", Any_("x"), Param_("wg"), Param_("bg", optional=True), name="lg"),
+                        name="act"),
              Pat("linear", Any_("x"), Param_("wu"), Param_("bu", optional=True), name="lu"), name="swiglu"),
          _fuse_gate_up),
 ]

@@ -1,14 +1,19 @@
 """Ops that only passes create: fused forms and quantized matmuls.
 
     swiglu(gu[..., 2, M])                      -> silu(gu[..., 0, :]) * gu[..., 1, :]
+    geglu(gu[..., 2, M])                       -> gelu(gu[..., 0, :]) * gu[..., 1, :]   (Gemma)
     add_rms_norm(x, r, w)                      -> [2, T, E]: (x + r, rms_norm(x + r, w))
     part(y[2, ...], index)                     -> y[index]
-    qkv_attention(qkv[T, KVH, G+2, D], ctx..[, q_norm_w, k_norm_w])
+    qkv_attention(qkv[T, KVH, G+2, D], ctx..[, seq_lens][, q_norm_w, k_norm_w])
                                                -> q, k, v split from qkv, QK-norm (per head, over D:
                                                   `qk_norm` = the rms_norm attrs), rope(q), rope(k),
                                                   then attention
-    rope_attention(q, k, v, ctx..)             -> attention(rope(q), rope(k), v)
+    rope_attention(q, k, v, ctx..[, seq_lens]) -> attention(rope(q), rope(k), v)
     qlinear(x, w_q, scale[, min][, bias][, smooth]) -> x @ dequant(w_q, scale[, min]) (+ bias); min: int4 only
+
+In the attention forms, ctx.. = the six attention inputs (positions, seq_ids, slot_mapping,
+block_tables, context_lens, query_start_loc); `rope` = the rope op's attrs, with
+`rope["op"] == "longrope"` for LongRoPE, which reads the trailing `seq_lens`.
 
 Registered into the one op registry on import (kiln.graph imports this module, so any graph
 that is verified or lowered knows them).
@@ -47,7 +52,12 @@ def _swiglu_lower(ctx, gu):
     return jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
 
 
+def _geglu_lower(ctx, gu, approximate=True):
+    return jax.nn.gelu(gu[..., 0, :], approximate=approximate) * gu[..., 1, :]
+
+
 register_op("swiglu", _swiglu_shape, _swiglu_lower, inputs=1)
+register_op("geglu", _swiglu_shape, _geglu_lower, inputs=1)
 
 
 # --------------------------------------------------------------------------- add + rms_norm
@@ -80,20 +90,31 @@ register_op("part", _part_shape, lambda ctx, y, index: y[index], inputs=1)
 # --------------------------------------------------------------------------- attention with RoPE and QKV
 
 
-def _call_attention(ctx, q, k, v, pos, seq_ids, slots, tables, ctx_lens, qsl, rope, attrs):
-    if rope is not None:
-        rope_fn = REGISTRY["rope"].lower
-        q = rope_fn(ctx, q, pos, seq_ids, ctx_lens, **rope)
-        k = rope_fn(ctx, k, pos, seq_ids, ctx_lens, **rope)
+NUM_ATTENTION_CTX = 6  # positions, seq_ids, slot_mapping, block_tables, context_lens, query_start_loc
+
+
+def _longrope(rope) -> bool:
+    return (rope or {}).get("op") == "longrope"
+
+
+def _call_attention(ctx, q, k, v, pos, seq_ids, slots, tables, ctx_lens, qsl, *seq_lens, rope, attrs):
+    if _longrope(rope):
+        r = {k_: v_ for k_, v_ in rope.items() if k_ != "op"}
+        q, k = (REGISTRY["longrope"].lower(ctx, x, pos, seq_ids, seq_lens[0], **r) for x in (q, k))
+    elif rope is not None:
+        q, k = (REGISTRY["rope"].lower(ctx, x, pos, seq_ids, ctx_lens, **rope) for x in (q, k))
     return REGISTRY["attention"].lower(ctx, q, k, v, pos, seq_ids, slots, tables, ctx_lens, qsl, **attrs)
 
 
 def _rope_attention_shape(attrs, q, k, v, *rest):
-    return REGISTRY["attention"].shape({k_: v_ for k_, v_ in attrs.items() if k_ != "rope"}, q, k, v, *rest)
+    n = NUM_ATTENTION_CTX + _longrope(attrs.get("rope"))
+    _require(len(rest) == n, f"expected {n} attention inputs after q, k, v (seq_lens last for LongRoPE), got {len(rest)}")
+    return REGISTRY["attention"].shape({k_: v_ for k_, v_ in attrs.items() if k_ != "rope"}, q, k, v,
+                                       *rest[:NUM_ATTENTION_CTX])
 
 
 def _rope_attention_lower(ctx, q, k, v, *rest, rope=None, **attrs):
-    return _call_attention(ctx, q, k, v, *rest, rope, attrs)
+    return _call_attention(ctx, q, k, v, *rest, rope=rope, attrs=attrs)
 
 
 def _split_qkv(qkv):
@@ -102,14 +123,12 @@ def _split_qkv(qkv):
     return q, qkv[:, :, g2 - 2, :], qkv[:, :, g2 - 1, :]
 
 
-NUM_ATTENTION_CTX = 6  # positions, seq_ids, slot_mapping, block_tables, context_lens, query_start_loc
-
-
 def _qkv_attention_shape(attrs, qkv, *rest):
     _require(qkv.rank == 4 and isinstance(qkv.shape[2], int) and qkv.shape[2] >= 3,
              f"qkv must be [tokens, kv_heads, group + 2, head_dim], got {qkv}")
     t, kvh, g2, d = qkv.shape
-    rest, norms = rest[:NUM_ATTENTION_CTX], rest[NUM_ATTENTION_CTX:]
+    n = NUM_ATTENTION_CTX + _longrope(attrs.get("rope"))
+    rest, norms = rest[:n], rest[n:]
     _require(len(norms) == (2 if attrs.get("qk_norm") is not None else 0),
              f"qkv_attention takes q and k norm weights exactly when `qk_norm` is set, got {len(norms)}")
     for w in norms:
@@ -122,15 +141,16 @@ def _qkv_attention_shape(attrs, qkv, *rest):
 
 def _qkv_attention_lower(ctx, qkv, *rest, rope=None, qk_norm=None, **attrs):
     q, k, v = _split_qkv(qkv)
-    rest, norms = rest[:NUM_ATTENTION_CTX], rest[NUM_ATTENTION_CTX:]
+    n = NUM_ATTENTION_CTX + _longrope(rope)
+    rest, norms = rest[:n], rest[n:]
     if qk_norm is not None:  # Qwen3 / Gemma3: RMSNorm of each q and k head before the rotary
         norm = REGISTRY["rms_norm"].lower
         q, k = norm(ctx, q, norms[0], **qk_norm), norm(ctx, k, norms[1], **qk_norm)
-    return _call_attention(ctx, q, k, v, *rest, rope, attrs)
+    return _call_attention(ctx, q, k, v, *rest, rope=rope, attrs=attrs)
 
 
-register_op("rope_attention", _rope_attention_shape, _rope_attention_lower, inputs=9)
-register_op("qkv_attention", _qkv_attention_shape, _qkv_attention_lower, inputs=(7, 9))
+register_op("rope_attention", _rope_attention_shape, _rope_attention_lower, inputs=(9, 10))
+register_op("qkv_attention", _qkv_attention_shape, _qkv_attention_lower, inputs=(7, 10))
 
 
 # --------------------------------------------------------------------------- quantized matmul
@@ -141,9 +161,11 @@ def _qlinear_shape(attrs, x, w, scale, *extras):
     _require(mode in QUANT_MODES, f"qlinear mode must be one of {QUANT_MODES}, got {mode!r}")
     n_in = attrs["in_features"]
     _require(x.shape[-1] == n_in, f"input's last dim {x.shape[-1]} does not match in_features {n_in}")
-    out = w.shape[1:]
+    nk = attrs.get("w_layout", "kn") == "nk"  # fp8 only: weight [*out, in] (passes/fp8_act.py)
+    out = w.shape[:-1] if nk else w.shape[1:]
     if mode == "fp8":
-        _require(w.dtype == "float8_e4m3fn" and w.shape[0] == n_in, f"fp8 weight must be f8e4m3[{n_in}, ...], got {w}")
+        _require(w.dtype == "float8_e4m3fn" and w.shape[-1 if nk else 0] == n_in,
+                 f"fp8 weight must be f8e4m3[{'..., ' if nk else ''}{n_in}{'' if nk else ', ...'}], got {w}")
         _require(scale.shape == out, f"fp8 scale {scale} must match the weight's output dims {out}")
     elif mode == "int8_wo":
         _require(w.dtype == "int8" and w.shape[0] == n_in, f"int8 weight must be i8[{n_in}, ...], got {w}")
@@ -161,8 +183,9 @@ def _qlinear_shape(attrs, x, w, scale, *extras):
         _require(extras[0].shape == out, f"bias {extras[0]} does not match the output dims {out}")
     if has_smooth:
         _require(extras[-1].shape == (n_in,), f"smoothing vector {extras[-1]} must be [{n_in}]")
-    axes = (x.axes[:-1] if x.axes else (None,) * (x.rank - 1)) + (w.axes[1:] if w.axes else (None,) * len(out))
-    return TensorType(x.shape[:-1] + out, x.dtype, axes)
+    w_axes = (w.axes[:-1] if nk else w.axes[1:]) if w.axes else (None,) * len(out)
+    axes = (x.axes[:-1] if x.axes else (None,) * (x.rank - 1)) + w_axes
+    return TensorType(x.shape[:-1] + out, attrs.get("out_dtype") or x.dtype, axes)  # out_dtype: x is fp8
 
 
 # Below this many tokens an fp8 matmul runs as W8A16 (the weight converted inside the dot, no
@@ -172,7 +195,12 @@ FP8_W8A8_MIN_TOKENS = 256
 
 
 def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None, bias=False, smooth=False,
-                   w8a8_min_tokens=None):
+                   w8a8_min_tokens=None, w_layout="kn", out_dtype=None):
+    if mode == "fp8" and (w_layout == "nk" or out_dtype is not None):  # passes/fp8_act.py's forms
+        from kiln.passes.fp8_act import fp8_linear
+
+        return fp8_linear(x, w, scale, *extras, in_features=in_features, bias=bias, w_layout=w_layout,
+                          out_dtype=out_dtype, w8a8_min_tokens=w8a8_min_tokens)
     if mode == "int4_wo":
         minimum, extras = extras[0], extras[1:]
     if smooth:
@@ -207,3 +235,5 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
 register_op("qlinear", _qlinear_shape, _qlinear_lower, inputs=(3, 6))
 
 MATMUL_OPS = ("linear", "qlinear")
+
+from kiln.passes import fp8_act  # noqa: E402,F401  (rms_norm_fp8, add_rms_norm_fp8, swiglu_fp8)

@@ -28,26 +28,33 @@ def test_llm_generate(family, name):
     fam.check_llm(prompts((6,), seed=4)[0])  # Phi-3: 6 + 32 tokens cross LongRoPE's switch at 16
 
 
-QK_NORM = ("qwen3", "qwen3_moe", "gemma3")
+# (unfused, fused) matmuls per layer: q, k, v -> qkv, and gate, up -> gate_up where the MLP is gated
+# (SwiGLU, GeGLU); MoE layers: q, k, v, o, router -> qkv, o, router
+QKV_FUSED = {"qwen3": (7, 4), "qwen3_moe": (5, 3), "gemma3": (7, 4), "phi3": (7, 4)}
 
 
-@pytest.mark.parametrize("name", QK_NORM)
-def test_qkv_fusion_with_qk_norm(family, name):
-    """QK-norm families fuse q, k, v into one matmul too (the per-head norms applied after the
-    split, inside qkv_attention): two matmuls fewer per layer, logits equal to the unfused graph."""
+@pytest.mark.parametrize("name", list(QKV_FUSED))
+def test_qkv_fusion(family, name):
+    """QK-norm families (Qwen3, Qwen3-MoE, Gemma3: the per-head norms applied after the split,
+    inside qkv_attention) and Phi-3 (LongRoPE folded into it) fuse q, k, v into one matmul too;
+    logits equal the unfused graph's on both sides of Phi-3's switch (parity with transformers:
+    the pipeline cases above)."""
     from kiln.passes import matmuls_per_layer
 
     fam = family(name)
     plain, fused = fam.variant("plain"), fam.variant("pipeline")
     n = fam.config.num_layers
-    # q, k, v -> qkv, and gate, up -> gate_up where the MLP is SwiGLU (Gemma3's GeGLU stays unfused):
-    # (unfused, fused) matmuls per layer
-    want_unfused, want_fused = {"qwen3": (7, 4), "qwen3_moe": (5, 3), "gemma3": (7, 5)}[name]
+    want_unfused, want_fused = QKV_FUSED[name]
     assert [matmuls_per_layer(fam.graph, i) for i in range(n)] == [want_unfused] * n
     assert [matmuls_per_layer(fused.graph, i) for i in range(n)] == [want_fused] * n
     attn = [nd for nd in fused.graph.nodes if nd.op == "qkv_attention"]
-    assert len(attn) == n and all(nd.attrs["qk_norm"] and nd.inputs[-2].endswith("q_norm.w") for nd in attn)
-    assert not any(nd.op == "rms_norm" and nd.name.endswith(("q_norm", "k_norm")) for nd in fused.graph.nodes)
+    assert len(attn) == n
+    if name == "phi3":
+        assert all(nd.attrs["rope"]["op"] == "longrope" and nd.inputs[-1] == "seq_lens" for nd in attn)
+        assert not any(nd.op == "longrope" for nd in fused.graph.nodes)
+    else:
+        assert all(nd.attrs["qk_norm"] and nd.inputs[-2].endswith("q_norm.w") for nd in attn)
+        assert not any(nd.op == "rms_norm" and nd.name.endswith(("q_norm", "k_norm")) for nd in fused.graph.nodes)
     ids = prompts((5, 19, 40))
     for a, b in zip(fam.batch_logits(ids, fused), fam.batch_logits(ids, plain)):
         assert rel_err(a, b) < 1e-5
