@@ -72,11 +72,12 @@ class Scheduler:
         budget = self.max_num_tokens
         done: set[int] = set()
         prefills = []
+        switch = self.rope_switch
         for req in list(self.running):  # decodes first, in order (the whole loop of a steady decode step)
             if req.status != RUNNING:  # preempted earlier in this loop
                 continue
-            if req.blocks.salt != self._variant(req):  # grew past the RoPE switch: its K are stale
-                self._recompute(req)
+            if switch is not None and req.blocks.salt != self._variant(req):  # grew past the RoPE switch:
+                self._recompute(req)                                              # its K are stale
             n = req.target_tokens() - req.num_computed_tokens
             if n > 1:
                 prefills.append(req)
