@@ -77,6 +77,8 @@ class QMatmulConfig:
     splits: int = 1   # slices of K per tile (split-K), fp32 partials summed outside
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False        # no tensor cores: multiply-and-sum per row (block_m <= 4 rows)
+    post_scale: bool = False  # int4: dot the raw codes, apply scale and min to each group's product
 
 
 def _pow2(n: int) -> int:
@@ -114,7 +116,8 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
     least four K steps. `override` replaces fields of the tuned default."""
     kind = "int4" if mode == "int4_wo" else "8bit"
     bn, bk, warps, stages = TUNED[(kind, _bucket(m))]
-    bm = override.get("block_m") or min(max(16, _pow2(m)), 64 if m <= 64 else 128)
+    gemv = override.get("gemv", False) and m <= 4
+    bm = _pow2(m) if gemv else override.get("block_m") or min(max(16, _pow2(m)), 64 if m <= 64 else 128)
     bn = _fit(override.get("block_n", bn), n, 16)
     floor = max(group_size or 16, 16) if kind == "int4" else 16
     bk = _fit(override.get("block_k", max(bk, floor)), k, floor)
@@ -129,7 +132,8 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
             splits *= 2
     if steps % splits:
         return None
-    return QMatmulConfig(bm, bn, bk, splits, override.get("num_warps", warps), override.get("num_stages", stages))
+    return QMatmulConfig(bm, bn, bk, splits, override.get("num_warps", warps), override.get("num_stages", stages),
+                         gemv, override.get("post_scale", False) and kind == "int4")
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -166,29 +170,73 @@ def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact:
     o_ref[...] = (acc * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
+def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool):
+    """block_m (<= 4) rows, each a multiply-and-sum over the weight tile on the CUDA cores."""
+    from jax.experimental import pallas as pl
+
+    split = pl.program_id(2)
+    bm, bn = o_ref.shape[-2:]
+
+    def body(i, accs):
+        k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
+        w = w_ref[pl.ds(k0, block_k), :].astype(jnp.float32)              # [bk, bn]
+        return tuple(a + jnp.sum(x_ref[r, pl.ds(k0, block_k)].astype(jnp.float32)[:, None] * w, axis=0)
+                     for r, a in enumerate(accs))
+
+    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)))
+    s = s_ref[0, :].astype(jnp.float32)
+    for r, a in enumerate(accs):
+        o_ref[r, :] = (a * s).astype(o_ref.dtype)
+
+
 def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, steps: int, group: int,
-                 exact: bool):
+                 exact: bool, gemv: bool, post_scale: bool):
+    """Per group: dequantize in registers and dot (default); or dot the raw codes and apply the
+    group's scale and min to the [bm, bn] product (`post_scale`: x @ (q s + m) = (x @ q) s +
+    sum(x) m); or, `gemv`, multiply-and-sum each row on the CUDA cores."""
     from jax.experimental import pallas as pl
 
     split = pl.program_id(2)
     bm, bn = o_ref.shape[-2:]
     half, per_step = group // 2, block_k // group                         # packed rows per group
 
+    def group_rows(gi):
+        p0 = pl.multiple_of(gi * half, half)
+        q = w_ref[pl.ds(p0, half), :]                                      # u8 [g/2, bn]
+        s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)                     # [1, bn]
+        mn = m_ref[pl.ds(gi, 1), :].astype(jnp.float32)
+        return p0, q & 0xF, q >> 4, s, mn                                  # codes of rows 2i, 2i + 1
+
     def body(i, acc):
         step = split * steps + i
         for j in range(per_step):                                          # one dot pair per group
-            gi = step * per_step + j
-            p0 = pl.multiple_of(gi * half, half)
-            q = w_ref[pl.ds(p0, half), :]                                  # u8 [g/2, bn]
-            s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)                 # [1, bn]
-            mn = m_ref[pl.ds(gi, 1), :].astype(jnp.float32)
+            p0, lo, hi, s, mn = group_rows(step * per_step + j)
+            if gemv:
+                new = []
+                for r in range(bm):
+                    xe = xe_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None]   # [g/2, 1]
+                    xo = xo_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None]
+                    dq = jnp.sum(xe * lo.astype(jnp.float32) + xo * hi.astype(jnp.float32), axis=0)
+                    new.append(acc[r] + dq * s[0] + (jnp.sum(xe) + jnp.sum(xo)) * mn[0])
+                acc = tuple(new)
+                continue
             xe = xe_ref[:, pl.ds(p0, half)]                                # [bm, g/2] rows 2i
             xo = xo_ref[:, pl.ds(p0, half)]                                # rows 2i + 1
-            lo = ((q & 0xF).astype(jnp.float32) * s + mn).astype(xe.dtype)
-            hi = ((q >> 4).astype(jnp.float32) * s + mn).astype(xe.dtype)
-            acc = acc + _dot(xe, lo, exact) + _dot(xo, hi, exact)
+            if post_scale:
+                prod = _dot(xe, lo.astype(xe.dtype), exact) + _dot(xo, hi.astype(xe.dtype), exact)
+                xsum = (jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1))
+                acc = acc + prod * s + xsum[:, None] * mn
+            else:
+                lo = (lo.astype(jnp.float32) * s + mn).astype(xe.dtype)
+                hi = (hi.astype(jnp.float32) * s + mn).astype(xe.dtype)
+                acc = acc + _dot(xe, lo, exact) + _dot(xo, hi, exact)
         return acc
 
+    if gemv:
+        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)))
+        for r, a in enumerate(accs):
+            o_ref[r, :] = a.astype(o_ref.dtype)
+        return
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
@@ -213,14 +261,16 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
     if mode == "int4_wo":
         xe, xo = xp[:, 0::2], xp[:, 1::2]                                  # [Mp, K/2] each
         ng = k // group_size
-        kernel = functools.partial(_kernel_int4, block_k=bk, steps=steps, group=group_size, exact=exact)
+        kernel = functools.partial(_kernel_int4, block_k=bk, steps=steps, group=group_size, exact=exact,
+                                   gemv=cfg.gemv, post_scale=cfg.post_scale)
         args = (xe, xo, w, scale.reshape(ng, n), minimum.reshape(ng, n))
         in_specs = [pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))] * 2 + [
             pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j)),
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j))]
     else:
-        kernel = functools.partial(_kernel_8bit, block_k=bk, steps=steps, exact=exact)
+        kernel = functools.partial(_kernel_8bit_gemv if cfg.gemv else _kernel_8bit, block_k=bk, steps=steps,
+                                   exact=exact)
         args = (xp, w, scale.reshape(1, n))
         in_specs = [pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)),
                     pl.BlockSpec((k, bn), lambda i, j, s: (0, j)),
@@ -234,7 +284,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
     out = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape, interpret=interpret,
         compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
-        name=f"kiln_qmatmul_{mode}_m{bm}_n{bn}_k{bk}_s{sp}",
+        name=f"kiln_qmatmul_{mode}_m{bm}_n{bn}_k{bk}_s{sp}{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}",
     )(*args)
     if sp > 1:
         out = out.sum(axis=0).astype(x.dtype)
