@@ -35,6 +35,7 @@ class PipelineOptions:
     quantize_exclude: tuple[str, ...] = ("lm_head", "router")  # weight-name prefixes or components left in float
     int4_group_size: int | None = None                   # int4_wo group (None: quantize.INT4_GROUP)
     int4_keep_int8: tuple[str, ...] = ()                 # int4_wo: weights named by these stay int8_wo
+    fp8_weight_nk: bool = True                           # fp8: weights [*out, in], cuBLASLt's FP8 GEMM layout
     extra_passes: list["Pass"] = field(default_factory=list)  # run after quantization (sharding ...)
 
     def __post_init__(self):
@@ -79,6 +80,10 @@ def build_passes(options: PipelineOptions) -> list[Pass]:
         from kiln.passes import quantize
 
         passes.append(quantize.quantize_pass(options.quantization))
+        if options.quantization == "fp8":
+            from kiln.passes import fp8_act
+
+            passes += fp8_act.fp8_passes(weight_nk=options.fp8_weight_nk)
     if options.kv_cache_dtype not in (None, "auto"):
         passes.append(_kv_cache_pass(KV_CACHE_DTYPES[options.kv_cache_dtype]))
     passes += list(options.extra_passes)

@@ -35,7 +35,10 @@ def _dequantized_params(gq, pq, p_float):
         if n.op != "qlinear":
             continue
         nc = 3 if n.attrs["mode"] == "int4_wo" else 2  # int4: weight, scale, min
-        deq = qz.dequantize(n.attrs["mode"], *[pq[i] for i in n.inputs[1:1 + nc]], group=n.attrs.get("group_size"))
+        parts = [pq[i] for i in n.inputs[1:1 + nc]]
+        if n.attrs.get("w_layout") == "nk":  # fp8 stored out-major (passes/fp8_act.py)
+            parts[0] = np.moveaxis(np.asarray(parts[0]), -1, 0)
+        deq = qz.dequantize(n.attrs["mode"], *parts, group=n.attrs.get("group_size"))
         w = n.inputs[1]
         if n.attrs["smooth"]:
             deq = deq * np.asarray(pq[n.inputs[-1]], np.float32).reshape((-1,) + (1,) * (deq.ndim - 1))
@@ -52,7 +55,8 @@ def test_quantized_model(fused, mode):
     for n in qnodes:  # stored quantized, scales with the weight's output axes
         w, s = gq.params[n.inputs[1]], gq.params[n.inputs[2]]
         assert np.asarray(pq[w.name]).dtype == np.dtype(getattr(ml_dtypes, STORED[mode], STORED[mode]))
-        assert s.type.axes[-len(w.type.shape[1:]):] == w.type.axes[1:]
+        out_axes = w.type.axes[:-1] if n.attrs.get("w_layout") == "nk" else w.type.axes[1:]  # nk: fp8 [*out, in]
+        assert s.type.axes[-len(out_axes):] == out_axes
     ratio = _nbytes(pq) / _nbytes(p)
     assert ratio < {"fp8": 0.27, "int8_wo": 0.27, "int4_wo": 0.16}[mode], ratio
     got = run_workload(gq, pq)

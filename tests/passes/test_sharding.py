@@ -145,7 +145,7 @@ def test_fused_and_quantized_graph_shards(llama):
     model = shard_model(graph, params, tp=2, pp=2)
     _assert_same(greedy(use_sharded(Stepper(graph, params), model), n=3), expected)
     qkv = model.params["stage.0.qkv_proj.w"]
-    assert qkv.addressable_shards[0].data.shape == (1, 64, 8 // 2, 3, 8)   # split by kv heads
+    assert qkv.addressable_shards[0].data.shape == (1, 8 // 2, 3, 8, 64)   # split by kv heads (fp8: [*out, in])
 
 
 def test_cli_prints_the_placement_and_rejects_impossible_layouts(tmp_path, capsys):

@@ -1,0 +1,213 @@
+"""FP8 W8A8 in the shape the fast path wants: weights out-major, activations quantized by
+the op that produces them.
+
+Two passes, run after `quantize_fp8`:
+
+    fp8_weight_nk   qlinear{fp8}(x, w[in, *out], s)      -> qlinear{fp8, w_layout=nk}(x, w'[*out, in], s)
+                    cuBLASLt's FP8 GEMM takes both operands K-major (TN); a [K, N] weight made
+                    XLA transpose every fp8 weight on every W8A8 step (128 transposes per
+                    Llama-3-8B step on the H100). The transform moves the axis once, at build.
+    fuse_fp8_act    qlinear{fp8}(rms_norm(x, w))              -> qlinear{fp8}(rms_norm_fp8(x, w))
+                    qlinear{fp8}(part(add_rms_norm(x, r, w), 1)) -> qlinear{fp8}(add_rms_norm_fp8(x, r, w))
+                    qlinear{fp8}(swiglu(gu))                  -> qlinear{fp8}(swiglu_fp8(gu))
+                    (only where every reader of the activation is such a qlinear)
+
+An fp8 activation value (`*_fp8` ops, typed f8e4m3) lowers to a `QAct` (e4m3 values and a
+per-token fp32 scale [..., 1], computed from the fp32 result, never rounded to bf16 first)
+when the step has at least the W8A8 token count of its readers; below it, to the plain
+activation of the unfused op, bit for bit, and the reader runs W8A16 as before.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kiln.graph.ir import Graph, TensorType
+from kiln.graph.ops import REGISTRY, register_op
+from kiln.passes import ops as qops
+from kiln.passes.rewrite import Any_, Match, Param_, Pat, RewriteResult, Rewriter, Rule, apply_rules, array_module
+
+
+class QAct(NamedTuple):
+    """A per-token quantized activation: value ~= q * scale."""
+    q: Any       # f8e4m3 [..., K]
+    scale: Any   # f32 [..., 1]
+
+    @property
+    def ndim(self):  # not an array: a sharding plan's per-node constraint leaves it to GSPMD
+        return None
+
+
+def w8a8_tokens(attr) -> int:
+    """The W8A8 token count of a qlinear's `w8a8_min_tokens` attribute (None: the default)."""
+    return qops.FP8_W8A8_MIN_TOKENS if attr is None else attr
+
+
+def quantize_rows(y) -> QAct:
+    """fp32 [..., K] -> QAct with one scale per row (absmax / 448)."""
+    s = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True), 1e-12) / qops.FP8_MAX
+    return QAct((y / s).astype(jnp.float8_e4m3fn), s)
+
+
+def _rows(x) -> int:
+    return math.prod(x.shape[:-1])
+
+
+# --------------------------------------------------------------------------- producer ops
+
+
+def _fp8_type(t: TensorType) -> TensorType:
+    return t.with_(dtype="float8_e4m3fn")
+
+
+def _rms_norm_fp8_lower(ctx, x, w, *, eps, offset=0.0, min_tokens=None):
+    if _rows(x) < w8a8_tokens(min_tokens):
+        return REGISTRY["rms_norm"].lower(ctx, x, w, eps=eps, offset=offset)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return quantize_rows(xf * (offset + w.astype(jnp.float32)))
+
+
+def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
+    # the residual sum itself is read through part(add_rms_norm(..), 0); XLA computes x + r once
+    return _rms_norm_fp8_lower(ctx, x + r, w, eps=eps, offset=offset, min_tokens=min_tokens)
+
+
+def _swiglu_fp8_lower(ctx, gu, *, min_tokens=None):
+    if _rows(gu[..., 0, :]) < w8a8_tokens(min_tokens):
+        return REGISTRY["swiglu"].lower(ctx, gu)
+    g = gu[..., 0, :].astype(jnp.float32)
+    return quantize_rows(jax.nn.silu(g) * gu[..., 1, :].astype(jnp.float32))
+
+
+register_op("rms_norm_fp8", lambda a, x, w: _fp8_type(REGISTRY["rms_norm"].shape(a, x, w)), _rms_norm_fp8_lower,
+            inputs=2)
+register_op("add_rms_norm_fp8", lambda a, x, r, w: REGISTRY["add_rms_norm"].shape(a, x, r, w) and _fp8_type(x),
+            _add_rms_norm_fp8_lower, inputs=3)
+register_op("swiglu_fp8", lambda a, gu: _fp8_type(REGISTRY["swiglu"].shape(a, gu)), _swiglu_fp8_lower, inputs=1)
+
+
+# --------------------------------------------------------------------------- the matmul
+
+
+def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str, out_dtype, w8a8_min_tokens):
+    """qlinear{fp8} for an out-major weight [*out, in] or a quantized activation. `x` is a
+    QAct (W8A8: one FP8 GEMM, both operands K-major, then the token and channel scales) or a
+    plain activation (W8A16 below the W8A8 token count; quantized here at or above it)."""
+    n_out = math.prod(scale.shape)
+    out = scale.shape
+    dtype = jnp.dtype(out_dtype) if out_dtype else x.dtype
+    nk = w_layout == "nk"
+    w2 = w.reshape(n_out, in_features) if nk else w.reshape(in_features, n_out)
+    if not isinstance(x, QAct) and _rows(x) >= w8a8_tokens(w8a8_min_tokens):
+        x = quantize_rows(x.astype(jnp.float32))
+    if isinstance(x, QAct):
+        lead = x.q.shape[:-1]
+        xq, sa = x.q.reshape(-1, in_features), x.scale.reshape(-1, 1)
+        # "dequantize then matmul" with unit scales: XLA's GEMM rewriter makes it one
+        # __cublas$lt$matmul$f8 call (fp32 accumulation, bf16 out)
+        dims = (((1,), (1,)), ((), ())) if nk else (((1,), (0,)), ((), ()))
+        y = jax.lax.dot_general(xq.astype(dtype), w2.astype(dtype), dims)
+        y = (y.astype(jnp.float32) * sa * scale.reshape(1, n_out).astype(jnp.float32)).astype(dtype)
+    else:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, in_features)
+        y = (x2 @ (w2.astype(x.dtype).T if nk else w2.astype(x.dtype))) * scale.reshape(1, n_out).astype(x.dtype)
+    y = y.reshape(lead + out)
+    if bias:
+        y = y + extras[0].astype(y.dtype)
+    return y
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+def _is_fp8(n) -> bool:
+    return n.attrs.get("mode") == "fp8" and not n.attrs.get("smooth")
+
+
+def _relayout(rw: Rewriter, m: Match):
+    lin = m.node("lin")
+    if lin.attrs.get("w_layout", "kn") != "kn" or not rw.single_use(m.w):
+        return False
+    wt = rw.type_of(m.w)
+    rw.retype_param(m.w, wt.shape[1:] + wt.shape[:1], wt.dtype, (wt.axes[1:] + wt.axes[:1]) if wt.axes else None)
+
+    def fn(w):
+        return (array_module(w).moveaxis(w, 0, -1),)
+    rw.weights([m.w], [m.w], fn)
+    new = rw.node("qlinear", *lin.inputs, name=lin.name, **{**lin.attrs, "w_layout": "nk"})
+    rw.replace(lin.name, new)
+
+
+FP8_WEIGHT_NK = [
+    # qlinear{fp8}(x, w[in, *out], s, ..) -> qlinear{fp8, w_layout=nk}(x, w[*out, in], s, ..)
+    Rule("fp8_weight_nk", Pat("qlinear", Any_("x"), Param_("w"), rest="rest", name="lin", where=_is_fp8), _relayout),
+]
+
+
+def _readers(g: Graph) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for n in g.nodes:
+        for i, v in enumerate(n.inputs):
+            out.setdefault(v, []).append((n, i))
+    return out
+
+
+def _fuse_rules(g: Graph) -> list[Rule]:
+    readers = _readers(g)
+    only_fp8 = {v for v, rs in readers.items() if v not in g.outputs and all(
+        n.op == "qlinear" and i == 0 and _is_fp8(n) for n, i in rs)}
+    made: dict[tuple[int, str], str] = {}  # (rewriter, activation) -> its fp8 node, shared by readers
+
+    def rewrite(op: str, act_key: str, inputs: tuple, attrs: dict):
+        def fn(rw: Rewriter, m: Match):
+            act = m[act_key]
+            if act not in only_fp8:
+                return False
+            lin = m.node("lin")
+            key = (id(rw), act)
+            if key not in made:
+                made[key] = rw.node(op, *[m[i] for i in inputs], name=act + ".fp8",
+                                    **{**attrs(m), "min_tokens": lin.attrs.get("w8a8_min_tokens")})
+            new = rw.node("qlinear", made[key], *lin.inputs[1:], name=lin.name,
+                          **{**lin.attrs, "out_dtype": rw.type_of(act).dtype})
+            rw.replace(lin.name, new)
+        return fn
+
+    def norm_attrs(key):
+        return lambda m: {k: v for k, v in m.node(key).attrs.items() if k in ("eps", "offset")}
+
+    lin = dict(rest="rest", name="lin", where=lambda n: _is_fp8(n) and "out_dtype" not in n.attrs)
+    return [
+        # qlinear{fp8}(rms_norm(x, w)) -> qlinear{fp8}(rms_norm_fp8(x, w))
+        Rule("fuse_fp8_rms_norm", Pat("qlinear", Pat("rms_norm", Any_("x"), Any_("nw"), name="act"), **lin),
+             rewrite("rms_norm_fp8", "act", ("x", "nw"), norm_attrs("act"))),
+        # qlinear{fp8}(part(add_rms_norm(x, r, w), 1)) -> qlinear{fp8}(add_rms_norm_fp8(x, r, w))
+        Rule("fuse_fp8_add_rms_norm", Pat("qlinear", Pat("part", Pat("add_rms_norm", Any_("x"), Any_("r"), Any_("nw"),
+                                                                 name="arn"),
+                                                         name="act", where=lambda n: n.attrs.get("index") == 1), **lin),
+             rewrite("add_rms_norm_fp8", "act", ("x", "r", "nw"), norm_attrs("arn"))),
+        # qlinear{fp8}(swiglu(gu)) -> qlinear{fp8}(swiglu_fp8(gu))
+        Rule("fuse_fp8_swiglu", Pat("qlinear", Pat("swiglu", Any_("gu"), name="act"), **lin),
+             rewrite("swiglu_fp8", "act", ("gu",), lambda m: {})),
+    ]
+
+
+def relayout_fp8_weights(graph: Graph) -> RewriteResult:
+    return apply_rules(graph, FP8_WEIGHT_NK, max_sweeps=1)
+
+
+def fuse_fp8_activations(graph: Graph) -> RewriteResult:
+    return apply_rules(graph, _fuse_rules(graph), max_sweeps=1)
+
+
+def fp8_passes(weight_nk: bool = True) -> list:
+    from kiln.passes.pipeline import Pass
+
+    nk = [Pass("fp8_weight_nk", lambda g, ctx: relayout_fp8_weights(g))] if weight_nk else []
+    return nk + [Pass("fuse_fp8_act", lambda g, ctx: fuse_fp8_activations(g))]
