@@ -61,10 +61,30 @@ class Runner:
         self._pending: dict = {}       # shape key -> Future of a background fetch (`preload`)
         self.compile_seconds = 0.0
         self.num_blocks = num_kv_blocks or self._blocks_from_memory(gpu_memory_utilization)
-        self.kv = self._allocate_kv(self.num_blocks, block_size, dtype)
-        self._kv_like = _abstract(self.kv)
+        # One device: the pools are allocated at the first step (`kv`), so a build that only
+        # compiles never holds them (its parallel compiles need that memory for autotuning).
+        self._kv = None
+        if kv_shards > 1:
+            self._kv = self._allocate_kv(self.num_blocks, block_size, dtype)
+            self._kv_like = _abstract(self._kv)
+        else:
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            self._kv_like = jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                jax.eval_shape(lambda: self._allocate_kv(self.num_blocks, block_size, dtype)))
         self._prev_tokens = jnp.zeros(max_num_seqs, jnp.int32)
         self._prev_step = -1
+
+    @property
+    def kv(self) -> list:
+        """The KV pools (allocated on first use)."""
+        if self._kv is None:
+            self._kv = self._allocate_kv(self.num_blocks, self.block_size, self.dtype)
+        return self._kv
+
+    @kv.setter
+    def kv(self, value) -> None:
+        self._kv = value
 
     def set_compiler_options(self, options: dict | None) -> None:
         """XLA options for every step compile (part of the compilation-cache key, so an engine
