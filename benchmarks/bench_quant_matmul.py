@@ -6,7 +6,7 @@ passes/quantize.py's codecs:
 1. checks the kernel against the fp32 dequantized-weights reference on the GPU;
 2. times the 32-layer Llama-3-8B projection stack (qkv [4096, 6144], o [4096, 4096], gate_up
    [4096, 28672], down [14336, 4096]), unrolled in one jit, at M = 1, 16, 64, 256, in bf16,
-   through XLA (int8_wo, fp8 W8A16, int4_wo) and through the kernels in a few tile variants
+   through XLA (int8_wo, fp8 W8A16 with [N, K] weights as the fp8 pipeline stores them, int4_wo) and through the kernels in a few tile variants
    per (weight kind, M) (`VARIANTS`); TB/s of weight bytes and TFLOP/s beside the measured
    copy bandwidth, and the best variant of each.
 
@@ -31,6 +31,8 @@ from kiln.runtime.kernels import quant_matmul as qm
 E, MLP = 4096, 14336
 SHAPES = {"qkv": (E, 6144), "o": (E, E), "gate_up": (E, 2 * MLP), "down": (MLP, E)}
 MODES = {"int8_wo": ("int8_wo", None), "fp8": ("fp8", None), "int4_wo": ("int4_wo", 128)}
+# fp8 weights as the fp8 pipeline stores them (passes/fp8_act.py): out-major [N, K]
+NK = {"fp8"}
 # Tile variants timed on the whole stack, per (weight kind, M); {} = choose_config's default.
 # (A per-shape microbenchmark in the first run was dominated by launch gaps: BENCHMARKS.md.)
 GEMV = [dict(gemv=True, block_n=128, block_k=64, num_warps=4, num_stages=4),
@@ -56,7 +58,8 @@ def make_w(key, shape, mode):
     if mode == "bf16":
         return (w,)
     m, g = MODES[mode]
-    return tuple(_quantize(m, w, g))
+    q = _quantize(m, w, g)
+    return (q[0].T, *q[1:]) if mode in NK else tuple(q)
 
 
 def nbytes(ws):
@@ -69,7 +72,8 @@ def matmul(mode, x, w, impl="xla", config=None):
     m, g = MODES[mode]
     if impl == "pallas" and jax.default_backend() != "gpu":
         impl = "interpret"  # CPU smoke test
-    return qm.quant_matmul(x, *w, mode=m, group_size=g, impl=impl, config=config)
+    return qm.quant_matmul(x, *w, mode=m, group_size=g, impl=impl, config=config,
+                           w_layout="nk" if mode in NK else "kn")
 
 
 def bench(fn, *args, iters=20):
@@ -96,7 +100,8 @@ def check(out):
     k, n = SHAPES["qkv"]
     for mode, (m_, g) in MODES.items():
         w = make_w(jax.random.PRNGKey(7), (k, n), mode)
-        wf = jnp.asarray(qz.dequantize(m_, *[np.asarray(a) for a in w], group=g))
+        wk = (w[0].T, *w[1:]) if mode in NK else w
+        wf = jnp.asarray(qz.dequantize(m_, *[np.asarray(a) for a in wk], group=g))
         for m in (1, 17, 130):
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.float32).astype(jnp.bfloat16)
             ref = jnp.matmul(x.astype(jnp.float32), wf, precision=jax.lax.Precision.HIGHEST)

@@ -3,7 +3,7 @@
 
     y[M, N] = x[M, K] @ dequant(W[K, N])
 
-    int8_wo, fp8   W i8 / f8e4m3 [K, N], scale f32 [N]         w = q * scale[n]
+    int8_wo, fp8   W i8 / f8e4m3 [K, N] (or [N, K]: `w_layout="nk"`), scale f32 [N]   w = q * scale[n]
     int4_wo        W u8 [K/2, N] (row 2i low nibble, 2i+1 high), scale, min f16 [K/g, N]
                                                                w = q * scale[k//g, n] + min[k//g, n]
 
@@ -54,12 +54,14 @@ def unpack_int4(w, dtype):
     return jnp.stack([lo, hi], axis=1).reshape((2 * w.shape[0],) + w.shape[1:]).astype(dtype)
 
 
-def quant_matmul_reference(x, w, scale, minimum=None, *, mode: str, group_size: int | None = None):
+def quant_matmul_reference(x, w, scale, minimum=None, *, mode: str, group_size: int | None = None,
+                           w_layout: str = "kn"):
     """The XLA path: x [M, K] @ dequant(w) -> [M, N] in x's dtype. int8/fp8 convert the weight
     inside the dot and scale the product; int4 dequantizes the whole weight first."""
-    k, n = x.shape[-1], w.shape[-1]
+    k, n = x.shape[-1], scale.shape[-1]
     if mode in ("fp8", "int8_wo"):
-        return jnp.matmul(x, w.astype(x.dtype)) * scale.reshape(1, n).astype(x.dtype)
+        wt = w.astype(x.dtype)
+        return jnp.matmul(x, wt.T if w_layout == "nk" else wt) * scale.reshape(1, n).astype(x.dtype)
     g = group_size
     wd = unpack_int4(w, x.dtype).reshape(k // g, g, n)
     wd = (wd * scale.reshape(k // g, 1, n).astype(x.dtype) + minimum.reshape(k // g, 1, n).astype(x.dtype))
@@ -149,12 +151,12 @@ def _compiler_params(num_warps: int, num_stages: int):
     return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def _dot(a, b, exact: bool):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+def _dot(a, b, exact: bool, nk: bool = False):
+    return lax.dot_general(a, b, (((1,), (1 if nk else 0,)), ((), ())), preferred_element_type=jnp.float32,
                            precision=lax.Precision.HIGHEST if exact else None)
 
 
-def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool):
+def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool):
     from jax.experimental import pallas as pl
 
     split = pl.program_id(2)
@@ -163,14 +165,14 @@ def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact:
     def body(i, acc):
         k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
         x = x_ref[:, pl.ds(k0, block_k)]                                   # [bm, bk]
-        w = w_ref[pl.ds(k0, block_k), :].astype(x.dtype)                   # [bk, bn] in registers
-        return acc + _dot(x, w, exact)
+        w = w_ref[:, pl.ds(k0, block_k)] if nk else w_ref[pl.ds(k0, block_k), :]
+        return acc + _dot(x, w.astype(x.dtype), exact, nk)                 # [bk, bn] / [bn, bk] in registers
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = (acc * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool):
+def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool):
     """block_m (<= 4) rows, each a multiply-and-sum over the weight tile on the CUDA cores."""
     from jax.experimental import pallas as pl
 
@@ -179,6 +181,10 @@ def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, e
 
     def body(i, accs):
         k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
+        if nk:
+            w = w_ref[:, pl.ds(k0, block_k)].astype(jnp.float32)          # [bn, bk]
+            return tuple(a + jnp.sum(x_ref[r, pl.ds(k0, block_k)].astype(jnp.float32)[None, :] * w, axis=1)
+                         for r, a in enumerate(accs))
         w = w_ref[pl.ds(k0, block_k), :].astype(jnp.float32)              # [bk, bn]
         return tuple(a + jnp.sum(x_ref[r, pl.ds(k0, block_k)].astype(jnp.float32)[:, None] * w, axis=0)
                      for r, a in enumerate(accs))
@@ -242,12 +248,15 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
 
 
 def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int | None = None,
-                        config: QMatmulConfig | None = None, interpret: bool = False):
+                        config: QMatmulConfig | None = None, interpret: bool = False, w_layout: str = "kn"):
     """The kernel: x [M, K] @ dequant(w) -> [M, N] in x's dtype (shapes as in the module doc)."""
     from jax.experimental import pallas as pl
 
     m, k = x.shape
-    n = w.shape[-1]
+    n = scale.shape[-1]
+    nk = w_layout == "nk"
+    if nk and mode == "int4_wo":
+        raise ConfigError("the int4 kernel reads [K/2, N] weights only")
     cfg = config or choose_config(m, k, n, mode, group_size)
     if cfg is None:
         raise ConfigError(f"the quantized matmul kernel does not tile {mode} [{m}, {k}] x [{k}, {n}]"
@@ -270,10 +279,10 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j))]
     else:
         kernel = functools.partial(_kernel_8bit_gemv if cfg.gemv else _kernel_8bit, block_k=bk, steps=steps,
-                                   exact=exact)
+                                   exact=exact, nk=nk)
         args = (xp, w, scale.reshape(1, n))
         in_specs = [pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)),
-                    pl.BlockSpec((k, bn), lambda i, j, s: (0, j)),
+                    pl.BlockSpec((bn, k), lambda i, j, s: (j, 0)) if nk else pl.BlockSpec((k, bn), lambda i, j, s: (0, j)),
                     pl.BlockSpec((1, bn), lambda i, j, s: (0, j))]
     if sp == 1:
         out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
@@ -284,7 +293,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
     out = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape, interpret=interpret,
         compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
-        name=f"kiln_qmatmul_{mode}_m{bm}_n{bn}_k{bk}_s{sp}{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}",
+        name=f"kiln_qmatmul_{mode}{'_nk' * nk}_m{bm}_n{bn}_k{bk}_s{sp}{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}",
     )(*args)
     if sp > 1:
         out = out.sum(axis=0).astype(x.dtype)
@@ -316,16 +325,17 @@ def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int |
 
 
 def quant_matmul(x, w, scale, minimum=None, *, mode: str, group_size: int | None = None, impl: str = "auto",
-                 config: QMatmulConfig | None = None):
-    """x [M, K] @ dequant(w [K or K/2, N]) -> [M, N] in x's dtype, by `impl` (see IMPLS)."""
+                 config: QMatmulConfig | None = None, w_layout: str = "kn"):
+    """x [M, K] @ dequant(w) -> [M, N] in x's dtype, by `impl` (see IMPLS). w is [K, N] (int4:
+    [K/2, N] packed) or, int8/fp8 with `w_layout="nk"`, [N, K]."""
     if mode not in MODES:
         raise ConfigError(f"quantized matmul mode must be one of {MODES}, got {mode!r}")
     m, k = x.shape
-    impl = resolve_impl(impl, m, k, w.shape[-1], mode, group_size, x.dtype)
+    impl = resolve_impl(impl, m, k, scale.shape[-1], mode, group_size, x.dtype)
     if impl == "xla":
-        return quant_matmul_reference(x, w, scale, minimum, mode=mode, group_size=group_size)
+        return quant_matmul_reference(x, w, scale, minimum, mode=mode, group_size=group_size, w_layout=w_layout)
     return quant_matmul_pallas(x, w, scale, minimum, mode=mode, group_size=group_size, config=config,
-                               interpret=impl == "interpret")
+                               interpret=impl == "interpret", w_layout=w_layout)
 
 
 __all__ = ["QMatmulConfig", "choose_config", "quant_matmul", "quant_matmul_pallas", "quant_matmul_reference",
