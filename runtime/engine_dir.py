@@ -120,6 +120,9 @@ class EngineWriter:
         the restore."""
         import orbax.checkpoint as ocp
 
+        for a in params.values():  # every device-to-host copy in flight at once, not one by one
+            if hasattr(a, "copy_to_host_async"):
+                a.copy_to_host_async()
         self._ckptr = _checkpointer(asynchronous=True)
         self._ckptr.save(self.tmp / "weights", args=ocp.args.PyTreeSave(params))
         if wait:

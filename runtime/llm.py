@@ -16,6 +16,7 @@ graph and its weights, and a sharding plan places them, before the runner takes 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,7 +28,7 @@ from kiln.passes import PipelineOptions, build_passes, run_pipeline
 from kiln.runtime.engine_dir import is_engine_dir
 from kiln.runtime.engine import Engine
 from kiln.runtime.outputs import EngineStats, RequestOutput
-from kiln.runtime.runner import Runner
+from kiln.runtime.runner import Runner, _log_stderr
 from kiln.runtime.sampling_params import SamplingParams
 
 
@@ -88,6 +89,7 @@ class LLM:
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         kw = {} if log is ... else {"log": log}
+        self._log = _log_stderr if log is ... else (log or (lambda msg: None))
         if is_engine_dir(model):  # a built engine: no passes, no recompiles; its build options hold
             bc = self._load_engine(model, attention)
             tp, pp, kv_block_size, num_kv_blocks = bc.tp, bc.pp, bc.kv_block_size, bc.num_kv_blocks
@@ -125,9 +127,13 @@ class LLM:
         once and go to their shards."""
         graph = build_graph(ckpt.config, self.dtype)
         sharded = tp * pp > 1
+        t = time.perf_counter()
         params = ckpt.load_params(graph, put=(lambda name, a: a) if sharded else None)
+        t_load = time.perf_counter() - t
         self.passes_run = [p.name for p in build_passes(options)]
         self.graph, self.params = run_pipeline(graph, params, options)
+        self._log(f"weights loaded in {t_load:.1f} s, passes ({', '.join(self.passes_run)}) "
+                  f"in {time.perf_counter() - t - t_load:.1f} s")
         self.sharded = None
         if sharded:
             from kiln.passes.sharding import shard_model

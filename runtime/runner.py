@@ -138,10 +138,12 @@ class Runner:
                                    pad_logits=S)
         kv = allocate_kv_cache(self.graph, 1, self.block_size, self.dtype)
         samp = _dummy_sampling(S)
+        t0 = time.perf_counter()
         try:
             compiled = jax.jit(self._fused, static_argnames=("all_greedy", "num_logprobs")).lower(
                 self.params, kv, inputs, self._prev_like(), np.full(T, -1, np.int32), samp,
                 all_greedy=False, num_logprobs=0).compile()
+            self.log(f"activation memory of the largest step measured in {time.perf_counter() - t0:.1f} s")
             return int(compiled.memory_analysis().temp_size_in_bytes * 1.2) + (256 << 20)
         except Exception:  # memory analysis is not on every backend / version
             return sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in self.params.values()) // 5
