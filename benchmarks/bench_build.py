@@ -56,7 +56,9 @@ def start(model, kw):
     if not line:
         print(r.stdout[-3000:], r.stderr[-3000:])
         return {"error": r.stderr[-500:]}
-    return json.loads(line[0][7:])
+    out = json.loads(line[0][7:])
+    out["log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("kiln:")][:12]
+    return out
 
 
 def main():
