@@ -162,6 +162,7 @@ class LLM:
             shardings = self.sharded.param_shardings if bc.pp == 1 else None
         self._restore = None
         if self.sharded is None:  # one device: restore in a thread while the runner fetches its executables
+            self._restore_t0 = time.perf_counter()
             self._restore = _Background(restore_weights, path, manifest, None)
             self.params = weight_shapes(manifest)
         else:
@@ -185,6 +186,7 @@ class LLM:
             self.runner.preload(self.runner.build_batches())
             self.params = self.runner.params = self._restore.result()
             self._restore = None
+            self._log(f"weights restored in {time.perf_counter() - self._restore_t0:.1f} s")
 
     # -- generation
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
