@@ -249,9 +249,11 @@ def combine_splits(o, m, l, v_scale):
 
 
 def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_scale=None, v_scale=None,
-                  config: KernelConfig | None = None):
+                  config: KernelConfig | None = None, metadata=None):
     """The tile config and the kernel's operands (meta, tables, scales, q by kv head) plus
-    `first_tile`: the small XLA ops around the kernel, split out so the kernel can be timed alone."""
+    `first_tile`: the small XLA ops around the kernel, split out so the kernel can be timed alone.
+    `metadata` = (meta, first_tile) from `tile_metadata` for this config's block_q, when the
+    caller computed it once for several layers (XLA's CSE does the same inside one jit)."""
     t, h, d = q.shape
     kvh, nb, page, _ = k_pool.shape
     s, width = block_tables.shape
@@ -263,7 +265,7 @@ def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_s
     if not (bk % page == 0 or page % bk == 0):
         raise ValueError(f"block_k {bk} must be a multiple or a divisor of the page size {page}")
     num_tiles = max(1, min(t, -(-t // bq) + s))
-    meta, first_tile = tile_metadata(query_start_loc, context_lens, bq, num_tiles)
+    meta, first_tile = metadata or tile_metadata(query_start_loc, context_lens, bq, num_tiles)
 
     # q as [KVH, (T + block_q) * Gp, D]: a tile's rows are contiguous; the tail pad keeps reads in bounds
     qg = q.reshape(t, kvh, group, d)
@@ -329,7 +331,7 @@ def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, 
 
 def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, *,
                            scale: float, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None,
-                           config: KernelConfig | None = None, interpret: bool = False):
+                           config: KernelConfig | None = None, interpret: bool = False, metadata=None):
     """Attention of a ragged flat batch over paged pools. q [T, H, D] -> [T, H, D] (q's dtype).
 
     Pools are [KVH, num_blocks, block_size, D], bf16/fp32/fp16 or float8_e4m3fn with scalar
@@ -341,7 +343,7 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     group = h // kvh
     gp = _pow2(group)
     cfg, args, first_tile = kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc,
-                                          k_scale=k_scale, v_scale=v_scale, config=config)
+                                          k_scale=k_scale, v_scale=v_scale, config=config, metadata=metadata)
     bq, num_tiles = cfg.block_q, args[0].shape[0] // 4
     out = kernel_call(cfg, *args, k_pool, v_pool, group=group, scale=scale, sliding_window=sliding_window,
                       soft_cap=soft_cap, interpret=interpret)

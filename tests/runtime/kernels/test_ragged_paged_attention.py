@@ -181,3 +181,22 @@ def test_lowers_to_triton_for_the_gpu():
     lower(64, 64, jnp.bfloat16)
     lower(1024, 4, jnp.bfloat16, sliding_window=100, soft_cap=30.0)
     lower(16, 16, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)
+
+
+def test_precomputed_tile_metadata_gives_the_same_result():
+    """`metadata=` (tile metadata computed once for several layers) changes nothing."""
+    from kiln.runtime.kernels.ragged_paged_attention import tile_metadata
+
+    rng = np.random.default_rng(3)
+    q_lens, ctx_lens = [3, 1, 5], [9, 20, 5]
+    tables = np.zeros((S, WIDTH), np.int32)
+    tables[:3, :5] = rng.permutation(15).reshape(3, 5)
+    x = flat_inputs(q_lens, ctx_lens, tables)
+    q = jnp.asarray(rng.standard_normal((T, 4, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 16, 4, 64)), jnp.float32)
+    cfg = KernelConfig(2, 8)
+    md = tile_metadata(jnp.asarray(x["qsl"]), jnp.asarray(x["ctx"]), cfg.block_q, min(T, -(-T // 2) + S))
+    args = (q, k, k, x["seq_ids"], x["tables"], x["ctx"], x["qsl"])
+    a = ragged_paged_attention(*args, scale=0.125, config=cfg, interpret=True)
+    b = ragged_paged_attention(*args, scale=0.125, config=cfg, interpret=True, metadata=md)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
