@@ -1,6 +1,8 @@
 """End-to-end: Kiln vs the Hugging Face transformers baseline on the same model shape.
 
-    python3 benchmarks/bench_e2e.py [--preset llama-3-8b] [--quick]
+    python3 benchmarks/bench_e2e.py [--preset llama-3-8b] [--quick] [--quant fp8]
+    python3 benchmarks/bench_e2e.py --part kiln --quant fp8 --workloads throughput_128_128,latency_128_512
+    python3 benchmarks/bench_e2e.py --table        # the table of the results under $OUT
 
 Runs, each part in its own process (so JAX and PyTorch do not share the GPU's memory):
   kiln  `kiln bench` throughput (ISL/OSL 128/128, 1024 requests; 2048/128; 128/2048) and
@@ -8,7 +10,8 @@ Runs, each part in its own process (so JAX and PyTorch do not share the GPU's me
   hf    transformers on a random-weight model of the same shape: continuous batching
         (`generate_batch`, paged attention) on the same 128/128 workload, and plain
         `generate` at batch 1 (128 in / 512 out)
-Prints one table; writes bench_e2e.json under $OUT (or the current directory).
+Writes bench_e2e_kiln_<quant>.json (after each workload) and bench_e2e_hf.json under $OUT
+(or the current directory) and prints one table of them.
 """
 
 import argparse
@@ -21,28 +24,44 @@ import time
 OUT = os.environ.get("OUT", ".")
 
 
-def kiln_part(preset, quick, extra):
+WORKLOADS = {  # name -> (bench args, requests at full size)
+    "throughput_128_128": (dict(mode="throughput", isl=128, osl=128), 1024),
+    "latency_128_512": (dict(mode="latency", isl=128, osl=512), 2),
+    "throughput_2048_128": (dict(mode="throughput", isl=2048, osl=128), 512),
+    "throughput_128_2048": (dict(mode="throughput", isl=128, osl=2048), 256),
+}
+
+
+def kiln_part(preset, quick, extra, quant=None, workloads=None, scale=1.0, deadline=None, requests=None):
+    """Each workload in turn on one engine; results written after each (a later one may not
+    finish inside the deadline). `scale` shrinks the throughput request counts."""
     from kiln import LLM
     from kiln.runtime import bench
 
-    n = 128 if quick else 1024
-    llm = LLM(f"random:{preset}", dtype="bfloat16", max_num_seqs=256, max_num_tokens=2048, max_model_len=2304,
-              **extra)
-    res = {}
-    runs = [("throughput_128_128", dict(mode="throughput", isl=128, osl=128, num_requests=n)),
-            ("latency_128_512", dict(mode="latency", isl=128, osl=512, num_requests=2))]
-    if not quick:
-        runs += [("throughput_2048_128", dict(mode="throughput", isl=2048, osl=128, num_requests=n // 2)),
-                 ("throughput_128_2048", dict(mode="throughput", isl=128, osl=2048, num_requests=n // 4))]
-    for name, kw in runs:
-        t, before = time.time(), llm.engine.time_split()
-        rep = bench.run(llm, bench.BenchArgs(**kw), log=lambda m: print(m, file=sys.stderr, flush=True))
+    t0 = time.time()
+    llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_num_seqs=256, max_num_tokens=2048,
+              max_model_len=2304, **extra)
+    res = {"_load_s": time.time() - t0, "_quant": quant or "bf16", "_compile_s_at_load": llm.runner.compile_seconds}
+    names = workloads or (list(WORKLOADS)[:2] if quick else list(WORKLOADS))
+    for name in names:
+        if deadline and time.time() > deadline:
+            res[name] = {"skipped": "deadline"}
+            continue
+        kw, n = WORKLOADS[name]
+        n = n if kw["mode"] == "latency" else max(16, int(n * (0.125 if quick else scale)))
+        n = (requests or {}).get(name, n)
+        t, before, c0 = time.time(), llm.engine.time_split(), llm.runner.compile_seconds
+        rep = bench.run(llm, bench.BenchArgs(num_requests=n, **kw), log=lambda m: print(m, file=sys.stderr, flush=True))
         rep["wall_s"] = time.time() - t
+        rep["compile_s"] = llm.runner.compile_seconds - c0  # warm-up and timed run
         after = llm.engine.time_split()  # warm-up and timed run together: host work vs waiting on the device
         rep["engine_time"] = {k: after[k] - before[k] for k in ("steps", "step_s", "device_wait_s", "host_s")}
         rep["engine_time"]["host_ms_per_step"] = rep["engine_time"]["host_s"] / max(rep["engine_time"]["steps"], 1) * 1e3
         res[name] = rep
-        print(name, json.dumps(rep["results"]), json.dumps(rep["roofline"]), json.dumps(rep["engine_time"]), flush=True)
+        print(name, res["_quant"], json.dumps(rep["results"]), json.dumps(rep["roofline"]), json.dumps(rep["engine_time"]),
+              f"compile_s={rep['compile_s']:.1f}", flush=True)
+        with open(os.path.join(OUT, f"bench_e2e_kiln_{res['_quant']}.json"), "w") as f:
+            json.dump(res, f, indent=1)
     return res
 
 
@@ -103,38 +122,64 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--part", choices=["kiln", "hf", "all"], default="all")
+    ap.add_argument("--quant", default=None, help="fp8 | int8_wo | int4_wo (kiln part)")
+    ap.add_argument("--workloads", default=None, help=f"comma list of {', '.join(WORKLOADS)}")
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the throughput request counts")
+    ap.add_argument("--requests", default=None, help="per-workload request counts: NAME=N,...")
+    ap.add_argument("--deadline-s", type=float, default=None, help="start no workload after this many seconds")
     ap.add_argument("--attention", default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (skips the memory estimate's compile)")
     a = ap.parse_args()
     extra = {"attention": a.attention} if a.attention else {}
+    if a.num_kv_blocks:
+        extra["num_kv_blocks"] = a.num_kv_blocks
     if a.gpu_memory_utilization:
         extra["gpu_memory_utilization"] = a.gpu_memory_utilization
+    deadline = time.time() + a.deadline_s if a.deadline_s else None
     if a.part != "all":
-        res = kiln_part(a.preset, a.quick, extra) if a.part == "kiln" else hf_part(a.preset, a.quick)
-        with open(os.path.join(OUT, f"bench_e2e_{a.part}.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        if a.part == "kiln":
+            res = kiln_part(a.preset, a.quick, extra, a.quant, a.workloads and a.workloads.split(","), a.scale, deadline,
+                            {k: int(v) for k, v in (kv.split("=") for kv in a.requests.split(","))} if a.requests else None)
+        else:
+            res = hf_part(a.preset, a.quick)
+            with open(os.path.join(OUT, "bench_e2e_hf.json"), "w") as f:
+                json.dump(res, f, indent=1)
         return
     for part in ("kiln",) + (() if a.skip_hf else ("hf",)):
         cmd = [sys.executable, __file__, "--part", part, "--preset", a.preset] + (["--quick"] if a.quick else [])
         if a.attention:
             cmd += ["--attention", a.attention]
+        if a.quant and part == "kiln":
+            cmd += ["--quant", a.quant]
         subprocess.run(cmd, check=False)
-    res = {}
-    for part in ("kiln", "hf"):
-        p = os.path.join(OUT, f"bench_e2e_{part}.json")
-        if os.path.exists(p):
-            res[part] = json.load(open(p))
-    print("\n| workload | Kiln out tok/s | transformers out tok/s | Kiln TTFT p50 ms | Kiln TPOT p50 ms | roofline tok/s |")
-    print("|---|---|---|---|---|---|")
-    for name, rep in res.get("kiln", {}).items():
-        r, roof = rep["results"], rep["roofline"]
-        hf = res.get("hf", {}).get(name, {}).get("output_tokens_per_s")
-        print(f"| {name} | {r['output_tokens_per_s']:,.0f} | {hf and f'{hf:,.0f}'} | {r['ttft_ms_p50']:.1f} | "
-              f"{r['tpot_ms_p50'] or 0:.2f} | {roof['roofline_output_tokens_per_s']:,.0f} |")
-    with open(os.path.join(OUT, "bench_e2e.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    print_table()
+
+
+def print_table():
+    """One table of every bench_e2e_*.json under $OUT."""
+    import glob
+
+    print("\n| engine | workload | out tok/s | transformers out tok/s | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | roofline tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    hf = {}
+    if os.path.exists(os.path.join(OUT, "bench_e2e_hf.json")):
+        hf = json.load(open(os.path.join(OUT, "bench_e2e_hf.json")))
+    for p in sorted(glob.glob(os.path.join(OUT, "bench_e2e_kiln_*.json"))):
+        res = json.load(open(p))
+        for name, rep in res.items():
+            if name.startswith("_") or "results" not in rep:
+                continue
+            r, roof = rep["results"], rep["roofline"]
+            h = hf.get(name, {}).get("output_tokens_per_s")
+            print(f"| {res['_quant']} | {name} ({r['requests']} req) | {r['output_tokens_per_s']:,.0f} | {h and f'{h:,.0f}'} | "
+                  f"{r['ttft_ms_p50']:.1f} | {r['tpot_ms_p50'] or 0:.2f} | {r['itl_ms_p50'] or 0:.2f} | "
+                  f"{roof['roofline_output_tokens_per_s']:,.0f} |")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--table"]:
+        print_table()
+    else:
+        main()

@@ -275,8 +275,12 @@ def run(llm, a: BenchArgs, *, log=print) -> dict:
                           f"pass --max-model-len {max(too_long)}")
     if a.warmup:  # compile the buckets this workload touches before the clock starts
         log("kiln bench: warming up")
-        run_throughput(llm, reqs[: min(len(reqs), llm.runner.max_num_seqs)])
-        run_latency(llm, reqs[:1])
+        # other random prompts of the same lengths: the timed prompts must not hit the prefix cache
+        warm = reqs if a.dataset else synthetic_requests(len(reqs), a.isl, a.osl, llm.config.vocab_size,
+                                                         isl_spread=a.isl_spread, osl_spread=a.osl_spread,
+                                                         seed=a.seed + 1)
+        run_throughput(llm, warm[: min(len(warm), llm.runner.max_num_seqs)])
+        run_latency(llm, warm[:1])
     log(f"kiln bench: {a.mode}, {len(reqs)} requests")
     report = {"mode": a.mode, "config": asdict(a)}
     if a.mode == "throughput":
