@@ -33,18 +33,17 @@ SHAPES = {"qkv": (E, 6144), "o": (E, E), "gate_up": (E, 2 * MLP), "down": (MLP, 
 MODES = {"int8_wo": ("int8_wo", None), "fp8": ("fp8", None), "int4_wo": ("int4_wo", 128)}
 # fp8 weights as the fp8 pipeline stores them (passes/fp8_act.py): out-major [N, K]
 NK = {"fp8"}
-# Tile variants timed on the whole stack, per (weight kind, M); {} = choose_config's default.
-# (A per-shape microbenchmark in the first run was dominated by launch gaps: BENCHMARKS.md.)
-GEMV = [dict(gemv=True, block_n=128, block_k=64, num_warps=4, num_stages=4),
-        dict(gemv=True, block_n=256, block_k=64, num_warps=8, num_stages=3),
-        dict(gemv=True, block_n=64, block_k=128, num_warps=4, num_stages=4)]
-WIDE = dict(block_n=128, block_k=128, num_warps=4, num_stages=4)
+# Tile variants timed on the whole stack, per (weight kind, M); {} = choose_config's default
+# (run 3: the defaults are run 2's best). A per-shape microbenchmark in the first run was
+# dominated by launch gaps (BENCHMARKS.md).
+MAGIC = dict(magic=True)
 VARIANTS = {
-    ("8bit", 1): [{}, *GEMV], ("8bit", 16): [{}, WIDE], ("8bit", 64): [{}, WIDE], ("8bit", 256): [],
-    ("int4", 1): [{}, dict(post_scale=True), dict(GEMV[0], block_k=128), dict(GEMV[2])],
-    ("int4", 16): [{}, dict(post_scale=True)], ("int4", 64): [{}, dict(post_scale=True), dict(WIDE, post_scale=True)],
-    ("int4", 256): [{}, dict(post_scale=True)],
+    ("8bit", 1): [{}, MAGIC], ("8bit", 16): [{}, MAGIC], ("8bit", 64): [{}], ("8bit", 256): [],
+    ("int4", 1): [{}, MAGIC, dict(MAGIC, block_n=256, num_warps=8), dict(MAGIC, gemv=False)],
+    ("int4", 16): [{}, MAGIC, dict(MAGIC, post_scale=True)],
+    ("int4", 64): [{}, MAGIC], ("int4", 256): [{}],
 }
+
 
 _quantize = jax.jit(qz.quantize_weight, static_argnums=(0, 2))
 
@@ -124,17 +123,17 @@ def stack(mode, layers, x, impl, configs):
     return x
 
 
-def run_stack(out, n_layers, bw, deadline, path):
+def run_stack(out, n_layers, bw, deadline, path, modes=("bf16", "int8_wo", "fp8", "int4_wo"), ms=(1, 16, 64, 256)):
     """Every (mode, M): XLA's path, then each kernel variant; the best variant per (mode, M)."""
     n_params = sum(k * n for k, n in SHAPES.values()) * n_layers
     rows, best = [], {}
-    for mode in ("bf16", "int8_wo", "fp8", "int4_wo"):
+    for mode in modes:
         key = jax.random.PRNGKey(0)
         layers = [{name: make_w(jax.random.fold_in(key, 4 * l + i), s, mode) for i, (name, s) in enumerate(SHAPES.items())}
                   for l in range(n_layers)]
         wbytes = sum(nbytes(w) for lw in layers for w in lw.values())
         kind = "int4" if mode == "int4_wo" else "8bit"
-        for m in (1, 16, 64, 256):
+        for m in ms:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, E), jnp.float32).astype(jnp.bfloat16)
             runs = [("xla", None)] + ([] if mode == "bf16" else [("pallas", v) for v in VARIANTS[(kind, m)]])
             for impl, over in runs:
@@ -144,7 +143,8 @@ def run_stack(out, n_layers, bw, deadline, path):
                 configs = None
                 if impl == "pallas":
                     m_, g = MODES[mode]
-                    configs = {name: qm.choose_config(m, k, n, m_, g, **over) for name, (k, n) in SHAPES.items()}
+                    configs = {name: qm.choose_config(m, k, n, m_, g, w_layout="nk" if mode in NK else "kn", **over)
+                               for name, (k, n) in SHAPES.items()}
                 fn = jax.jit(lambda ls, x, impl=impl, configs=configs: stack(mode, ls, x, impl, configs))
                 try:
                     t0 = time.perf_counter()
@@ -177,6 +177,8 @@ def main():
     ap.add_argument("--deadline", type=float, default=520.0, help="seconds after start: later stack runs are skipped")
     ap.add_argument("--shrink", type=int, default=1, help="divide the model dims (CPU smoke test)")
     ap.add_argument("--parts", default="check,stack")
+    ap.add_argument("--modes", default="bf16,int8_wo,fp8,int4_wo")
+    ap.add_argument("--ms", default="1,16,64,256")
     args = ap.parse_args()
     deadline = time.time() + args.deadline
     global E, MLP
@@ -195,7 +197,7 @@ def main():
         json.dump(out, open(path, "w"), indent=1)
     if "stack" not in parts:
         return
-    best = run_stack(out, args.layers, bw, deadline, path)
+    best = run_stack(out, args.layers, bw, deadline, path, args.modes.split(","), [int(m) for m in args.ms.split(",")])
     bf16 = {m: r["ms"] for (mode, _, m), r in best.items() if mode == "bf16"}
     print(f"\ncopy {bw / 1e12:.2f} TB/s; best per (mode, impl, M): ms (TB/s of weight bytes, x bf16) variant")
     for (mode, impl, m), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):

@@ -22,7 +22,8 @@ With few tokens N / block_n programs leave most of the H100's 132 SMs idle, henc
 Implementations (`impl`): "xla" (the reference: XLA converts the weight inside the dot),
 "pallas" (the kernel), "interpret" (the kernel in Pallas interpret mode, for CPU tests) and
 "auto": the kernel on a GPU for 16-bit activations when the shape tiles and M is at most
-`AUTO_MAX_M`, XLA elsewhere. `KILN_QMATMUL=xla|pallas|interpret|auto` overrides "auto".
+`AUTO_MAX_M[mode]` (where the kernel measured faster), XLA elsewhere.
+`KILN_QMATMUL=xla|pallas|interpret|auto` overrides "auto".
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from kiln.errors import ConfigError
 IMPLS = ("auto", "xla", "pallas", "interpret")
 MODES = ("fp8", "int8_wo", "int4_wo")
 NUM_CORES = 132  # H100 SXM
-# "auto" runs the kernel up to this many tokens (BENCHMARKS.md, "Fused dequantizing matmuls")
-AUTO_MAX_M = 64
+# "auto" runs the kernel up to this many tokens, per mode: where it beat XLA's path on the H100
+# (BENCHMARKS.md, "Fused dequantizing matmuls"): int4 at every M measured (XLA dequantizes the
+# whole weight first, 0.15 TB/s); int8 and fp8 never (XLA's convert-in-dot was as fast or faster)
+AUTO_MAX_M = {"int4_wo": 256, "int8_wo": 0, "fp8": 0}
 
 
 # --------------------------------------------------------------------------- reference
@@ -81,6 +84,7 @@ class QMatmulConfig:
     num_stages: int = 3
     gemv: bool = False        # no tensor cores: multiply-and-sum per row (block_m <= 4 rows)
     post_scale: bool = False  # int4: dot the raw codes, apply scale and min to each group's product
+    magic: bool = False       # int8/int4 codes to fp32 by integer ops (2^23 trick), not the I2F unit
 
 
 def _pow2(n: int) -> int:
@@ -95,47 +99,53 @@ def _fit(want: int, dim: int, floor: int) -> int | None:
     return b if b >= floor else None
 
 
-# Defaults per (weight kind, M bucket): (block_n, block_k, num_warps, num_stages), from the
-# H100 sweep in BENCHMARKS.md; splits are derived from the grid size.
+# Defaults per (weight kind, M bucket), the best variant of the H100 sweep on the 32-layer
+# Llama-3-8B projection stack (BENCHMARKS.md, "Fused dequantizing matmuls"); split-K is derived
+# from the grid. "8bit" is int8 or fp8 with [K, N] weights, "8bit_nk" with [N, K].
+_GEMV = dict(gemv=True, block_n=128, block_k=128, num_warps=4, num_stages=4)
 TUNED = {
-    ("8bit", 16): (64, 256, 4, 4),
-    ("8bit", 64): (64, 256, 4, 3),
-    ("8bit", 256): (128, 128, 8, 3),
-    ("int4", 16): (64, 256, 4, 4),
-    ("int4", 64): (64, 256, 4, 3),
-    ("int4", 256): (128, 128, 8, 3),
+    ("8bit", 4): dict(_GEMV, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    ("8bit", 16): dict(block_n=128, block_k=128, num_warps=4, num_stages=4),
+    ("8bit", 64): dict(block_n=64, block_k=256, num_warps=4, num_stages=4),
+    ("8bit", 256): dict(block_n=128, block_k=128, num_warps=8, num_stages=3, block_m=64),
+    ("8bit_nk", 4): dict(_GEMV, block_n=64),
+    ("int4", 4): _GEMV,
+    ("int4", 16): dict(block_n=64, block_k=256, num_warps=4, num_stages=4),
+    ("int4", 64): dict(block_n=128, block_k=128, num_warps=4, num_stages=4, post_scale=True),
+    ("int4", 256): dict(block_n=128, block_k=128, num_warps=8, num_stages=3),
 }
 
 
 def _bucket(m: int) -> int:
-    return 16 if m <= 16 else 64 if m <= 64 else 256
+    return 4 if m <= 4 else 16 if m <= 16 else 64 if m <= 64 else 256
 
 
-def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = None,
+def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = None, *, w_layout: str = "kn",
                   num_cores: int = NUM_CORES, **override) -> QMatmulConfig | None:
     """Static tile choice from static shapes (None when the shape does not tile). Split-K
     doubles while the grid would fill the GPU less than twice and every split keeps at
     least four K steps. `override` replaces fields of the tuned default."""
     kind = "int4" if mode == "int4_wo" else "8bit"
-    bn, bk, warps, stages = TUNED[(kind, _bucket(m))]
-    gemv = override.get("gemv", False) and m <= 4
-    bm = _pow2(m) if gemv else override.get("block_m") or min(max(16, _pow2(m)), 64 if m <= 64 else 128)
-    bn = _fit(override.get("block_n", bn), n, 16)
+    b = _bucket(m)
+    o = {**TUNED.get((kind + "_" + w_layout, b), TUNED.get((kind, b), TUNED[(kind, 16)])), **override}
+    gemv = o.get("gemv", False) and m <= 4
+    bm = _pow2(m) if gemv else o.get("block_m") or min(max(16, _pow2(m)), 64 if m <= 64 else 128)
+    bn = _fit(o["block_n"], n, 16)
     floor = max(group_size or 16, 16) if kind == "int4" else 16
-    bk = _fit(override.get("block_k", max(bk, floor)), k, floor)
+    bk = _fit(max(o["block_k"], floor), k, floor)
     if bn is None or bk is None or (kind == "int4" and (k % group_size or bk % group_size or group_size < 32)):
         return None
     steps = k // bk
     tiles = -(-m // bm) * (n // bn)
-    splits = override.get("splits")
+    splits = o.get("splits")
     if splits is None:
         splits = 1
         while tiles * splits < 2 * num_cores and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
             splits *= 2
     if steps % splits:
         return None
-    return QMatmulConfig(bm, bn, bk, splits, override.get("num_warps", warps), override.get("num_stages", stages),
-                         gemv, override.get("post_scale", False) and kind == "int4")
+    return QMatmulConfig(bm, bn, bk, splits, o["num_warps"], o["num_stages"], gemv,
+                         o.get("post_scale", False) and kind == "int4", o.get("magic", False) and mode != "fp8")
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -156,7 +166,20 @@ def _dot(a, b, exact: bool, nk: bool = False):
                            precision=lax.Precision.HIGHEST if exact else None)
 
 
-def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool):
+def _codes_f32(q, magic: bool, offset: int = 0):
+    """Integer codes (int8, or uint8 0..255) -> exact fp32. `magic`: OR the code (shifted to
+    0..255) into the mantissa of 2^23 and subtract, integer and FMA-pipe ops only."""
+    if not magic:
+        return q.astype(jnp.float32)
+    i = q.astype(jnp.int32) + offset
+    return lax.bitcast_convert_type(i | 0x4B000000, jnp.float32) - (8388608.0 + offset)
+
+
+def _to_f32(w, magic: bool):
+    return _codes_f32(w, magic, 128) if w.dtype == jnp.int8 else w.astype(jnp.float32)
+
+
+def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool, magic: bool):
     from jax.experimental import pallas as pl
 
     split = pl.program_id(2)
@@ -166,13 +189,15 @@ def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact:
         k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
         x = x_ref[:, pl.ds(k0, block_k)]                                   # [bm, bk]
         w = w_ref[:, pl.ds(k0, block_k)] if nk else w_ref[pl.ds(k0, block_k), :]
+        w = _to_f32(w, magic) if magic else w
         return acc + _dot(x, w.astype(x.dtype), exact, nk)                 # [bk, bn] / [bn, bk] in registers
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = (acc * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool):
+def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool,
+                      magic: bool):
     """block_m (<= 4) rows, each a multiply-and-sum over the weight tile on the CUDA cores."""
     from jax.experimental import pallas as pl
 
@@ -182,10 +207,10 @@ def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, e
     def body(i, accs):
         k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
         if nk:
-            w = w_ref[:, pl.ds(k0, block_k)].astype(jnp.float32)          # [bn, bk]
+            w = _to_f32(w_ref[:, pl.ds(k0, block_k)], magic)              # [bn, bk]
             return tuple(a + jnp.sum(x_ref[r, pl.ds(k0, block_k)].astype(jnp.float32)[None, :] * w, axis=1)
                          for r, a in enumerate(accs))
-        w = w_ref[pl.ds(k0, block_k), :].astype(jnp.float32)              # [bk, bn]
+        w = _to_f32(w_ref[pl.ds(k0, block_k), :], magic)                  # [bk, bn]
         return tuple(a + jnp.sum(x_ref[r, pl.ds(k0, block_k)].astype(jnp.float32)[:, None] * w, axis=0)
                      for r, a in enumerate(accs))
 
@@ -196,7 +221,7 @@ def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, e
 
 
 def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, steps: int, group: int,
-                 exact: bool, gemv: bool, post_scale: bool):
+                 exact: bool, gemv: bool, post_scale: bool, magic: bool):
     """Per group: dequantize in registers and dot (default); or dot the raw codes and apply the
     group's scale and min to the [bm, bn] product (`post_scale`: x @ (q s + m) = (x @ q) s +
     sum(x) m); or, `gemv`, multiply-and-sum each row on the CUDA cores."""
@@ -211,7 +236,10 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
         q = w_ref[pl.ds(p0, half), :]                                      # u8 [g/2, bn]
         s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)                     # [1, bn]
         mn = m_ref[pl.ds(gi, 1), :].astype(jnp.float32)
-        return p0, q & 0xF, q >> 4, s, mn                                  # codes of rows 2i, 2i + 1
+        if magic:
+            q = q.astype(jnp.int32)
+        # fp32 codes of rows 2i, 2i + 1
+        return p0, _codes_f32(q & 0xF, magic), _codes_f32(q >> 4, magic), s, mn
 
     def body(i, acc):
         step = split * steps + i
@@ -222,7 +250,7 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
                 for r in range(bm):
                     xe = xe_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None]   # [g/2, 1]
                     xo = xo_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None]
-                    dq = jnp.sum(xe * lo.astype(jnp.float32) + xo * hi.astype(jnp.float32), axis=0)
+                    dq = jnp.sum(xe * lo + xo * hi, axis=0)
                     new.append(acc[r] + dq * s[0] + (jnp.sum(xe) + jnp.sum(xo)) * mn[0])
                 acc = tuple(new)
                 continue
@@ -233,8 +261,8 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
                 xsum = (jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1))
                 acc = acc + prod * s + xsum[:, None] * mn
             else:
-                lo = (lo.astype(jnp.float32) * s + mn).astype(xe.dtype)
-                hi = (hi.astype(jnp.float32) * s + mn).astype(xe.dtype)
+                lo = (lo * s + mn).astype(xe.dtype)
+                hi = (hi * s + mn).astype(xe.dtype)
                 acc = acc + _dot(xe, lo, exact) + _dot(xo, hi, exact)
         return acc
 
@@ -257,7 +285,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
     nk = w_layout == "nk"
     if nk and mode == "int4_wo":
         raise ConfigError("the int4 kernel reads [K/2, N] weights only")
-    cfg = config or choose_config(m, k, n, mode, group_size)
+    cfg = config or choose_config(m, k, n, mode, group_size, w_layout=w_layout)
     if cfg is None:
         raise ConfigError(f"the quantized matmul kernel does not tile {mode} [{m}, {k}] x [{k}, {n}]"
                           f" (group {group_size}); use KILN_QMATMUL=xla")
@@ -271,7 +299,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
         xe, xo = xp[:, 0::2], xp[:, 1::2]                                  # [Mp, K/2] each
         ng = k // group_size
         kernel = functools.partial(_kernel_int4, block_k=bk, steps=steps, group=group_size, exact=exact,
-                                   gemv=cfg.gemv, post_scale=cfg.post_scale)
+                                   gemv=cfg.gemv, post_scale=cfg.post_scale, magic=cfg.magic)
         args = (xe, xo, w, scale.reshape(ng, n), minimum.reshape(ng, n))
         in_specs = [pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))] * 2 + [
             pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
@@ -279,7 +307,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j))]
     else:
         kernel = functools.partial(_kernel_8bit_gemv if cfg.gemv else _kernel_8bit, block_k=bk, steps=steps,
-                                   exact=exact, nk=nk)
+                                   exact=exact, nk=nk, magic=cfg.magic)
         args = (xp, w, scale.reshape(1, n))
         in_specs = [pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)),
                     pl.BlockSpec((bn, k), lambda i, j, s: (j, 0)) if nk else pl.BlockSpec((k, bn), lambda i, j, s: (0, j)),
@@ -293,7 +321,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
     out = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape, interpret=interpret,
         compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
-        name=f"kiln_qmatmul_{mode}{'_nk' * nk}_m{bm}_n{bn}_k{bk}_s{sp}{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}",
+        name=f"kiln_qmatmul_{mode}{'_nk' * nk}_m{bm}_n{bn}_k{bk}_s{sp}{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}{'_magic' * cfg.magic}",
     )(*args)
     if sp > 1:
         out = out.sum(axis=0).astype(x.dtype)
@@ -305,7 +333,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
 
 def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int | None, dtype) -> str:
     """The implementation that runs: "auto" (or `KILN_QMATMUL`) is the kernel on a GPU for
-    16-bit activations with M <= AUTO_MAX_M where the shape tiles, XLA elsewhere; an explicit
+    16-bit activations with M <= AUTO_MAX_M[mode] where the shape tiles, XLA elsewhere; an explicit
     "pallas"/"interpret" is checked, never changed."""
     if impl not in IMPLS:
         raise ConfigError(f"unknown quantized matmul implementation {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -315,7 +343,7 @@ def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int |
             raise ConfigError(f"KILN_QMATMUL={impl!r} is not one of {', '.join(IMPLS)}; unset it or fix it")
     tiles = choose_config(m, k, n, mode, group_size) is not None
     if impl == "auto":
-        ok = (jax.default_backend() == "gpu" and m <= AUTO_MAX_M and tiles
+        ok = (jax.default_backend() == "gpu" and m <= AUTO_MAX_M[mode] and tiles
               and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
         return "pallas" if ok else "xla"
     if impl in ("pallas", "interpret") and not tiles:

@@ -60,10 +60,12 @@ def test_kernel_bf16_activations(mode, group):
 def test_choose_config():
     # decode on the 8B's o_proj: 64 tiles of N leave the 132 SMs idle, split-K fills them
     one = qm.choose_config(1, 4096, 4096, "int8_wo")
-    assert one.block_m == 16 and one.splits > 1 and 4096 // one.block_n * one.splits >= 132
+    assert one.gemv and one.block_m == 1 and one.splits > 1 and 4096 // one.block_n * one.splits >= 132
     assert 4096 // one.block_k // one.splits >= 4  # every split keeps several K steps
+    few = qm.choose_config(8, 4096, 4096, "int8_wo")  # tensor-core tiles from 5 rows on
+    assert not few.gemv and few.block_m == 16 and few.splits > 1
     # gate_up is wide enough on its own
-    assert qm.choose_config(1, 4096, 28672, "fp8").splits <= 2
+    assert qm.choose_config(1, 4096, 28672, "fp8", w_layout="nk").splits <= 2
     big = qm.choose_config(256, 4096, 4096, "int8_wo")
     assert big.block_m >= 64
     cfg = qm.choose_config(1, 4096, 6144, "int4_wo", 128)
