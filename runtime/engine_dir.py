@@ -113,25 +113,35 @@ class EngineWriter:
         save(graph, self.tmp / "graph.json")
 
     def save_weights(self, params, *, wait: bool = True):
-        """Write the parameters with orbax; with `wait=False` the write goes on in the
-        background until `wait()`, after the device-to-host copy (done here: copying while
-        the build compiles ran the H100 out of memory for the Llama-3-8B shape). Stored
-        uncompressed (`_checkpointer`): weights barely compress, and zstd decoding bounded
-        the restore."""
+        """Write the parameters with orbax (uncompressed, `_checkpointer`: weights barely
+        compress, and zstd decoding bounded the restore). With `wait=False` the whole save,
+        the device-to-host copy included, runs in a background thread until `wait()`: the
+        build compiles meanwhile (its KV pools are never allocated, so the copy and the
+        compiles' autotuning fit beside the weights)."""
+        import threading
+
         import orbax.checkpoint as ocp
 
-        for a in params.values():  # every device-to-host copy in flight at once, not one by one
-            if hasattr(a, "copy_to_host_async"):
-                a.copy_to_host_async()
-        self._ckptr = _checkpointer(asynchronous=True)
-        self._ckptr.save(self.tmp / "weights", args=ocp.args.PyTreeSave(params))
+        self._save_error = None
+
+        def save():
+            try:
+                ckptr = _checkpointer()
+                ckptr.save(self.tmp / "weights", args=ocp.args.PyTreeSave(params))
+            except BaseException as e:  # re-raised by wait()
+                self._save_error = e
+
+        self._saver = threading.Thread(target=save, name="kiln-save-weights", daemon=True)
+        self._saver.start()
         if wait:
             self.wait()
 
     def wait(self):
-        if getattr(self, "_ckptr", None) is not None:
-            self._ckptr.wait_until_finished()
-            self._ckptr = None
+        if getattr(self, "_saver", None) is not None:
+            self._saver.join()
+            self._saver = None
+            if self._save_error is not None:
+                raise self._save_error
 
     def save_tokenizer(self, tokenizer):
         if tokenizer is not None:
@@ -233,12 +243,11 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     return params
 
 
-def _checkpointer(asynchronous: bool = False):
+def _checkpointer():
     """orbax's PyTree checkpointer over zarr3 + OCDBT, without zstd compression."""
     import orbax.checkpoint as ocp
 
-    handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False)
-    return ocp.AsyncCheckpointer(handler) if asynchronous else ocp.Checkpointer(handler)
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False))
 
 
 def use_compile_cache(directory: str | os.PathLike):

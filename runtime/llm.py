@@ -184,6 +184,7 @@ class LLM:
         self.runner.set_compiler_options(bc.compiler_options)
         if self._restore is not None:
             self.runner.preload(self.runner.build_batches())
+            self.runner.kv  # noqa: B018  (the pools are allocated while the weights arrive)
             self.params = self.runner.params = self._restore.result()
             self._restore = None
             self._log(f"weights restored in {time.perf_counter() - self._restore_t0:.1f} s")
