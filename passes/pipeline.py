@@ -31,10 +31,11 @@ class PipelineOptions:
     fuse: bool = True
     quantization: str | None = None            # fp8 | int8_wo | int4_wo
     kv_cache_dtype: str | None = None          # fp8
-    calibration: Sequence[Sequence[int]] | None = None   # token-id prompts for AWQ (int4_wo / int8_wo)
+    calibration: Sequence[Sequence[int]] | None = None   # token-id prompts for GPTQ / AWQ
     quantize_exclude: tuple[str, ...] = ("lm_head", "router")  # weight-name prefixes or components left in float
     int4_group_size: int | None = None                   # int4_wo group (None: quantize.INT4_GROUP)
     int4_keep_int8: tuple[str, ...] = ()                 # int4_wo: weights named by these stay int8_wo
+    quant_method: str | None = None                      # rtn | awq | gptq | awq+gptq (None: gptq with calibration)
     fp8_weight_nk: bool = True                           # fp8: weights [*out, in], cuBLASLt's FP8 GEMM layout
     extra_passes: list["Pass"] = field(default_factory=list)  # run after quantization (sharding ...)
 
@@ -150,11 +151,11 @@ def matmul_summary(graph: Graph) -> str:
 
 def compile_model(graph: Graph, params: dict | None = None, *, quantization: str | None = None,
                   kv_cache_dtype: str | None = None, fuse: bool = True, calibration=None,
-                  int4_group_size: int | None = None, int4_keep_int8=(),
+                  int4_group_size: int | None = None, int4_keep_int8=(), quant_method: str | None = None,
                   extra_passes: list[Pass] | None = None, print_after_all: bool = False):
     """The default pipeline in one call: what `LLM(..., quantization=, kv_cache_dtype=)` runs
     between loading and lowering. Returns (graph, params)."""
     opts = PipelineOptions(fuse=fuse, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                            calibration=calibration, int4_group_size=int4_group_size,
-                           int4_keep_int8=tuple(int4_keep_int8), extra_passes=list(extra_passes or []))
+                           int4_keep_int8=tuple(int4_keep_int8), quant_method=quant_method, extra_passes=list(extra_passes or []))
     return run_pipeline(graph, params, opts, print_after_all=print_after_all)

@@ -23,8 +23,11 @@ marks `graph.meta["kv_cache_dtype"]`, which runtime/kv_cache.py's allocator hono
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from kiln.errors import ConfigError
 from kiln.graph.ir import Graph
 from kiln.passes.ops import FP8_MAX, QUANT_MODES
 from kiln.passes.rewrite import Any_, Match, Param_, Pat, RewriteResult, Rewriter, Rule, apply_rules, array_module
@@ -81,7 +84,15 @@ def quantize_int4(w, group: int):
     lo, hi = xp.min(wf, axis=1), xp.max(wf, axis=1)                              # [in / g, *out]
     # the stored (f16) scale and min are the ones the codes are computed against
     scale = (xp.maximum(hi - lo, 1e-8) / 15.0).astype(xp.float16).astype(xp.float32)
-    lo = lo.astype(xp.float16).astype(xp.float32)
+    return encode_int4(w, scale, lo.astype(xp.float16).astype(xp.float32), group)
+
+
+def encode_int4(w, scale, lo, group: int):
+    """The packed codes of w [in, *out] against given per-group `scale` and `lo` (min)
+    [in / group, *out]: (u8 [in / 2, *out], f16 scale, f16 min)."""
+    xp = array_module(w)
+    n_in, out = w.shape[0], w.shape[1:]
+    wf = w.astype(xp.float32).reshape((n_in // group, group) + out)
     q = xp.clip(xp.round((wf - lo[:, None]) / scale[:, None]), 0, 15).astype(xp.int32)
     q = q.reshape((n_in // 2, 2) + out)
     packed = (q[:, 0] | (q[:, 1] << 4)).astype(xp.uint8)
@@ -176,7 +187,7 @@ def weight_mode(mode: str, name: str, keep_int8=()) -> str:
     return "int8_wo" if mode == "int4_wo" and any(k in name for k in keep_int8) else mode
 
 
-def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8):
+def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8, codes: dict):
     def rewrite(rw: Rewriter, m: Match):
         wt = rw.type_of(m.w)
         n_in, out = wt.shape[0], wt.shape[1:]
@@ -199,13 +210,16 @@ def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8):
         if s is not None:
             extra.append(rw.param(_base(m.w) + ".smooth", (n_in,), wt.dtype, (in_axis,), init="ones"))
 
-            def fn(w, s=s):
+            def fn(w, s=s, parts=codes.get(m.w)):
                 xp = array_module(w)
-                parts = quantize_weight(wmode, w * xp.asarray(s, w.dtype).reshape((-1,) + (1,) * (w.ndim - 1)), group)
+                if parts is None:
+                    parts = quantize_weight(wmode, w * xp.asarray(s, w.dtype).reshape((-1,) + (1,) * (w.ndim - 1)), group)
                 return (*parts, xp.asarray(1.0 / s, w.dtype))
             rw.weights([m.w, *codec, extra[-1]], [m.w], fn)
         else:
-            rw.weights([m.w, *codec], [m.w], lambda w: quantize_weight(wmode, w, group))
+            parts = codes.get(m.w)
+            rw.weights([m.w, *codec], [m.w], (lambda w: parts) if parts is not None else
+                       (lambda w: quantize_weight(wmode, w, group)))
         attrs = dict(mode=wmode, in_features=n_in, bias=m.get("b") is not None, smooth=s is not None)
         if group:
             attrs["group_size"] = group
@@ -215,37 +229,91 @@ def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8):
 
 
 def quantize_rules(mode: str, exclude=("lm_head", "router"), smooth: dict | None = None, group_size: int | None = None,
-                   keep_int8=()) -> list[Rule]:
+                   keep_int8=(), codes: dict | None = None) -> list[Rule]:
     return [
         # linear(x, w[in, *out]) -> qlinear(x, w_q, scale[, min]){mode}   (w_q f8e4m3 | i8 | u8-packed int4)
         Rule(f"quantize_{mode}", Pat("linear", Any_("x"), Param_("w", where=_quantizable(exclude)),
                                      Param_("b", optional=True), name="lin"),
-             _rewrite(mode, smooth or {}, group_size, tuple(keep_int8))),
+             _rewrite(mode, smooth or {}, group_size, tuple(keep_int8), codes or {})),
     ]
 
 
-def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm_head", "router"), calibration=None,
-                   group_size: int | None = None, keep_int8=()) -> RewriteResult:
-    """The quantization rewrite; with `calibration` prompts (and weights), AWQ scales for
-    the weight-only modes. int4_wo: `group_size` (default INT4_GROUP, halved until it divides
-    the input dim); weights named by a `keep_int8` substring are int8_wo instead."""
-    if mode not in QUANT_MODES:
-        raise ValueError(mode)
-    smooth = {}
-    if calibration and params is not None and mode in ("int8_wo", "int4_wo"):
-        ok = _quantizable(exclude)
-        targets = [(n.inputs[0], n.inputs[1]) for n in graph.nodes
-                   if n.op == "linear" and n.inputs[1] in graph.params and ok(graph.params[n.inputs[1]])]
+QUANT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
+CALIBRATION_TEXT = Path(__file__).parent / "calibration.txt"   # benchmarks/make_calibration_text.py
+
+
+def calibration_prompts(tokenizer, text: str | None = None, *, length: int = 512, max_prompts: int = 8) -> list[list[int]]:
+    """Token-id calibration prompts: `text` (default: the shipped CALIBRATION_TEXT, samples
+    of the default model, no evaluation text) cut into `length`-token pieces."""
+    text = CALIBRATION_TEXT.read_text(encoding="utf-8") if text is None else text
+    ids = list(tokenizer.encode(text))
+    return [ids[i:i + length] for i in range(0, len(ids), length)][:max_prompts]
+
+
+
+def default_method(mode: str, calibration) -> str:
+    """Round to nearest without calibration prompts; with them, GPTQ (every mode)."""
+    return "gptq" if calibration else "rtn"
+
+
+def _targets(graph: Graph, exclude):
+    ok = _quantizable(exclude)
+    return [(n.inputs[0], n.inputs[1]) for n in graph.nodes
+            if n.op == "linear" and n.inputs[1] in graph.params and ok(graph.params[n.inputs[1]])]
+
+
+def calibrate(graph: Graph, params: dict, mode: str, calibration, method: str, *, exclude=("lm_head", "router"),
+              group_size: int | None = None, keep_int8=()) -> tuple[dict, dict]:
+    """(smooth, codes): AWQ's per-input-channel scales and GPTQ's codec parts per weight name,
+    from the calibration prompts (token-id lists)."""
+    from kiln.passes import gptq
+
+    targets = _targets(graph, exclude)
+    smooth, codes = {}, {}
+    if "awq" in method and mode != "fp8":
         acts = collect_activations(graph, params, calibration, sorted({x for x, _ in targets}))
         for x, w in targets:
             wmode = weight_mode(mode, w, keep_int8)
-            n_in = graph.params[w].type.shape[0]
-            group = int4_group(n_in, group_size) if wmode == "int4_wo" else None
+            group = int4_group(graph.params[w].type.shape[0], group_size) if wmode == "int4_wo" else None
             if wmode == "int8_wo" or group:
                 s = awq_search(wmode, np.asarray(params[w], np.float32), acts[x], group)
                 if s is not None:
                     smooth[w] = s
-    return apply_rules(graph, quantize_rules(mode, exclude, smooth, group_size, keep_int8), max_sweeps=1)
+    if "gptq" in method:
+        moments = gptq.input_moments(graph, params, calibration, sorted({x for x, _ in targets}))
+        for x, w in targets:
+            wmode = weight_mode(mode, w, keep_int8)
+            group = int4_group(graph.params[w].type.shape[0], group_size) if wmode == "int4_wo" else None
+            if wmode == "int4_wo" and group is None:
+                continue
+            wf, h = np.asarray(params[w], np.float32), moments[x]
+            if w in smooth:   # AWQ first: the weight scaled up by s, its input down by s
+                s = smooth[w]
+                wf = wf * s.reshape((-1,) + (1,) * (wf.ndim - 1))
+                h = h / np.outer(s, s)
+            codes[w] = gptq.gptq_quantize(wmode, wf, h, group, clip=wmode == "int4_wo")
+    return smooth, codes
+
+
+def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm_head", "router"), calibration=None,
+                   group_size: int | None = None, keep_int8=(), method: str | None = None) -> RewriteResult:
+    """The quantization rewrite. `method`: rtn (round to nearest), awq (per-input-channel
+    scaling searched on the calibration activations; weight-only modes), gptq (error-feedback
+    rounding against the calibration inputs' second moments), awq+gptq; default: gptq with
+    `calibration` prompts, rtn without. int4_wo: `group_size` (default INT4_GROUP, halved until
+    it divides the input dim); weights named by a `keep_int8` substring are int8_wo instead."""
+    if mode not in QUANT_MODES:
+        raise ValueError(mode)
+    method = method or default_method(mode, calibration)
+    if method not in QUANT_METHODS:
+        raise ConfigError(f"quantization method {method!r} is not supported; choose one of {', '.join(QUANT_METHODS)}")
+    if method != "rtn" and not calibration:
+        raise ConfigError(f"quantization method {method} needs calibration prompts; pass calibration= (token-id lists)")
+    smooth, codes = {}, {}
+    if method != "rtn" and params is not None:
+        smooth, codes = calibrate(graph, params, mode, calibration, method, exclude=exclude, group_size=group_size,
+                                  keep_int8=keep_int8)
+    return apply_rules(graph, quantize_rules(mode, exclude, smooth, group_size, keep_int8, codes), max_sweeps=1)
 
 
 def quantize_pass(mode: str):
@@ -253,4 +321,5 @@ def quantize_pass(mode: str):
 
     return Pass(f"quantize_{mode}", lambda g, ctx: quantize_graph(
         g, ctx.params, mode, exclude=ctx.options.quantize_exclude, calibration=ctx.options.calibration,
-        group_size=ctx.options.int4_group_size, keep_int8=ctx.options.int4_keep_int8))
+        group_size=ctx.options.int4_group_size, keep_int8=ctx.options.int4_keep_int8,
+        method=ctx.options.quant_method))

@@ -112,10 +112,13 @@ def perplexity_of_ids(graph, params, ids: list[int], *, window: int = 512, strid
 
 
 def evaluate_text(model: str | None, text: str, *, dtype: str = "auto", quantization: str | None = None,
+                  quant_method: str | None = None, calibration: str | None = None, int4_group_size: int | None = None,
                   window: int = 512, stride: int = 256, progress: bool = False) -> Perplexity:
     """Perplexity of `model` (a checkpoint directory, a .gguf file, or None for the default
     model) on `text`, tokenized with the model's tokenizer. `quantization` (fp8 | int8_wo |
-    int4_wo) runs the pass pipeline with it first, as `LLM(..., quantization=)` does."""
+    int4_wo) runs the pass pipeline with it first, as `LLM(..., quantization=)` does;
+    `quant_method` (rtn | awq | gptq | awq+gptq) with `calibration` (a text, or "default":
+    passes/calibration.txt; the default whenever the method needs one)."""
     from kiln.models.config import DTYPE_NAMES
     from kiln.models.loader import load_params, open_checkpoint
     from kiln.models.registry import build_graph
@@ -132,6 +135,12 @@ def evaluate_text(model: str | None, text: str, *, dtype: str = "auto", quantiza
     if quantization:
         from kiln.passes.pipeline import compile_model
 
-        graph, params = compile_model(graph, params, quantization=quantization)
+        from kiln.passes.quantize import calibration_prompts
+
+        calib = None
+        if calibration is not None or quant_method not in (None, "rtn"):
+            calib = calibration_prompts(tok, None if calibration in (None, "default") else calibration)
+        graph, params = compile_model(graph, params, quantization=quantization, quant_method=quant_method,
+                                      calibration=calib, int4_group_size=int4_group_size)
     ids = tok.encode(text)
     return perplexity_of_ids(graph, params, ids, window=window, stride=stride, dtype=dtype, progress=progress)

@@ -135,13 +135,56 @@ def test_awq_search_lowers_error_on_outlier_channels():
 def test_awq_pipeline(fused):
     arch, g, p, ref = fused
     calib = prompts((40, 24), seed=9)
-    gq, pq = compile_model(g, p, quantization="int4_wo", calibration=calib)
+    gq, pq = compile_model(g, p, quantization="int4_wo", calibration=calib, quant_method="awq")
     smoothed = [n for n in gq.nodes if n.op == "qlinear" and n.attrs["smooth"]]
     assert smoothed, "AWQ chose no scaling anywhere"
     got = run_workload(gq, pq)
     assert rel_err(got, run_workload(g, _dequantized_params(gq, pq, p))) < 1e-5
     assert {n.inputs[-1] for n in smoothed} <= set(pq) and all(pq[n.inputs[-1]].shape == (n.attrs["in_features"],)
                                                              for n in smoothed)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gptq_lowers_the_output_error(mode):
+    """GPTQ's codes decode to its grid, and x Q(W) is closer to x W than round-to-nearest's
+    on correlated inputs (the objective it minimises)."""
+    from kiln.passes import gptq
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(512, 16)) @ rng.normal(size=(16, 128)) + 0.1 * rng.normal(size=(512, 128))
+    x = x.astype(np.float32)
+    w = rng.standard_t(5, size=(128, 2, 24)).astype(np.float32)
+    group = 32 if mode == "int4_wo" else None
+    parts = gptq.gptq_quantize(mode, w, x.T @ x, group, clip=mode == "int4_wo")
+    ref = qz.quantize_weight(mode, w, group)
+    assert [(np.asarray(a).shape, np.asarray(a).dtype) for a in parts] == [(np.asarray(a).shape, np.asarray(a).dtype)
+                                                                          for a in ref]
+
+    def err(ps):
+        return np.square(x @ (qz.dequantize(mode, *ps, group=group) - w).reshape(128, -1)).sum()
+    assert err(parts) < 0.7 * err(ref)
+
+
+def test_gptq_pipeline(fused):
+    """With calibration prompts the default method is GPTQ: the quantized graph equals the float
+    graph on the weights it stores, and on the calibration workload its logits are closer to
+    float than round-to-nearest's."""
+    arch, g, p, ref = fused
+    calib = prompts((5, 13))        # run_workload's prompts
+    gq, pq = compile_model(g, p, quantization="int4_wo", int4_group_size=16, calibration=calib)
+    got = run_workload(gq, pq)
+    assert rel_err(got, run_workload(g, _dequantized_params(gq, pq, p))) < 1e-5
+    _, p_rtn = compile_model(g, p, quantization="int4_wo", int4_group_size=16)
+    rtn = run_workload(gq, p_rtn)   # the same graph (same rewrite), round-to-nearest weights: one compile
+    assert rel_err(got, ref) < rel_err(rtn, ref)
+
+
+def test_gptq_needs_calibration(fused):
+    from kiln.errors import ConfigError
+
+    arch, g, p, ref = fused
+    with pytest.raises(ConfigError, match="calibration"):
+        compile_model(g, p, quantization="fp8", quant_method="gptq")
 
 
 def test_fp8_kv_cache(fused):
