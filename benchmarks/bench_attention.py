@@ -181,6 +181,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, tiny sizes")
     ap.add_argument("--wide", action="store_true", help="wide config sweeps (decode 2k/8k, fp8, prefill tiles)")
     ap.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU attention_mgpu on prefill")
+    ap.add_argument("--decode-ctx", default="", help="comma-separated decode contexts (overrides the defaults)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     global INTERPRET
@@ -229,6 +230,8 @@ def main():
     # ---- decode
     ctxs = ([] if args.checks_only else [256] if args.smoke else [2048, 8192] if args.quick or args.wide
             else [2048, 8192, 32768])
+    if args.decode_ctx:
+        ctxs = [int(c) for c in args.decode_ctx.split(",")]
     sweep_ctx = 256 if args.smoke else 2048
     decode_cfgs = [KernelConfig(4, bk, 1, w, st) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
     decode_cfgs += [KernelConfig(4, 64, 2, 4, 3), KernelConfig(4, 128, 1, 4, 3)]
