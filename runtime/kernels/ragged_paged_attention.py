@@ -7,7 +7,7 @@ M = block_q * G rows and every K/V byte a tile reads serves all G heads (GQA)::
 
     flat tokens   | seq0: 0 1 2 3 4 5 | seq1: 6 | seq2: 7 8 | pad |
     q tiles (4)     [0 1 2 3] [4 5]    [6]       [7 8]
-    grid            (tile, kv_head, split)    one program each
+    grid            (kv_head, tile, split)    one program each; tiles from the last (longest first)
     tile rows       row r = token (r // G) of the tile, query head (r % G) of the KV head
 
 A program walks its sequence's keys in steps of `block_k` tokens, gathering the pages
@@ -19,7 +19,8 @@ partial (o, running max, running sum); `combine_splits` merges them (split-K).
 Positions are not read: a sequence's new tokens sit at positions
 `context_len - q_len ... context_len - 1`, as `runtime/batch.py` lays them out.
 FP8 (e4m3) pools are read with per-layer scalar scales (`k_scale` folds into the softmax
-scale, `v_scale` into the output).
+scale, `v_scale` into the output); with a bf16/f16 q they widen to f16 (one native convert on
+sm_89+; e4m3 -> bf16 is several), q pre-scaled by 1/sqrt(d) so f16's range suffices.
 """
 
 from __future__ import annotations
