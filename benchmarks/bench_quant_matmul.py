@@ -6,7 +6,8 @@ passes/quantize.py's codecs:
 1. checks the kernel against the fp32 dequantized-weights reference on the GPU;
 2. times the 32-layer Llama-3-8B projection stack (qkv [4096, 6144], o [4096, 4096], gate_up
    [4096, 28672], down [14336, 4096]), unrolled in one jit, at M = 1, 16, 64, 256, in bf16,
-   through XLA (int8_wo, fp8 W8A16 with [N, K] weights as the fp8 pipeline stores them, int4_wo) and through the kernels in a few tile variants
+   through XLA (int8_wo, fp8 W8A16 with [N, K] weights as the fp8 pipeline stores them,
+   int4_wo) and through the kernels in a few tile variants
    per (weight kind, M) (`VARIANTS`); TB/s of weight bytes and TFLOP/s beside the measured
    copy bandwidth, and the best variant of each.
 
@@ -129,7 +130,8 @@ def run_stack(out, n_layers, bw, deadline, path, modes=("bf16", "int8_wo", "fp8"
     rows, best = [], {}
     for mode in modes:
         key = jax.random.PRNGKey(0)
-        layers = [{name: make_w(jax.random.fold_in(key, 4 * l + i), s, mode) for i, (name, s) in enumerate(SHAPES.items())}
+        layers = [{name: make_w(jax.random.fold_in(key, 4 * l + i), s, mode)
+                   for i, (name, s) in enumerate(SHAPES.items())}
                   for l in range(n_layers)]
         wbytes = sum(nbytes(w) for lw in layers for w in lw.values())
         kind = "int4" if mode == "int4_wo" else "8bit"
@@ -201,7 +203,8 @@ def main():
     bf16 = {m: r["ms"] for (mode, _, m), r in best.items() if mode == "bf16"}
     print(f"\ncopy {bw / 1e12:.2f} TB/s; best per (mode, impl, M): ms (TB/s of weight bytes, x bf16) variant")
     for (mode, impl, m), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        print(f"{mode:8} {impl:6} M={m:<4} {r['ms']:6.2f} ({r['TBps']:.2f}, {bf16.get(m, 0) / r['ms']:.2f}x) {r['variant']}")
+        ratio = bf16.get(m, 0) / r["ms"]
+        print(f"{mode:8} {impl:6} M={m:<4} {r['ms']:6.2f} ({r['TBps']:.2f}, {ratio:.2f}x) {r['variant']}")
 
 
 if __name__ == "__main__":

@@ -310,7 +310,8 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
                                    exact=exact, nk=nk, magic=cfg.magic)
         args = (xp, w, scale.reshape(1, n))
         in_specs = [pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)),
-                    pl.BlockSpec((bn, k), lambda i, j, s: (j, 0)) if nk else pl.BlockSpec((k, bn), lambda i, j, s: (0, j)),
+                    pl.BlockSpec((bn, k), lambda i, j, s: (j, 0)) if nk
+                    else pl.BlockSpec((k, bn), lambda i, j, s: (0, j)),
                     pl.BlockSpec((1, bn), lambda i, j, s: (0, j))]
     if sp == 1:
         out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
@@ -321,7 +322,8 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
     out = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape, interpret=interpret,
         compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
-        name=f"kiln_qmatmul_{mode}{'_nk' * nk}_m{bm}_n{bn}_k{bk}_s{sp}{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}{'_magic' * cfg.magic}",
+        name=(f"kiln_qmatmul_{mode}{'_nk' * nk}_m{bm}_n{bn}_k{bk}_s{sp}"
+              f"{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}{'_magic' * cfg.magic}"),
     )(*args)
     if sp > 1:
         out = out.sum(axis=0).astype(x.dtype)

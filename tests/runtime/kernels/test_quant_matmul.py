@@ -29,13 +29,16 @@ def _rel(y, ref):
     return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
 
 
-@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mode=st.sampled_from(qm.MODES), m=st.sampled_from((1, 3, 17, 130)), k=st.sampled_from((128, 256)),
        n=st.sampled_from((16, 48, 64)), group=st.sampled_from((32, 64, 128)), splits=st.sampled_from((1, 2)),
-       variant=st.sampled_from(({}, {"gemv": True}, {"post_scale": True})), seed=st.integers(0, 2 ** 16))
+       variant=st.sampled_from(({}, {"gemv": True}, {"post_scale": True}, {"magic": True},
+                                {"gemv": True, "magic": True})),
+       seed=st.integers(0, 2 ** 16))
 def test_kernel_equals_reference(mode, m, k, n, group, splits, variant, seed):
     """Every kernel form (tensor-core dot; multiply-and-sum rows for M <= 4; int4 codes dotted
-    with the scale and min applied after) on odd M, several tiles and split-K."""
+    with the scale and min applied after; integer-op code conversion) on odd M, several
+    tiles and split-K."""
     group = group if mode == "int4_wo" else None
     x, parts, ref = _case(np.random.default_rng(seed), mode, m, k, n, group)
     bk = max(group or 0, 64)
