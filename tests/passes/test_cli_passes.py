@@ -30,5 +30,6 @@ def test_print_after_all(tiny_checkpoint, capsys):
     assert main(["graph", str(path), "--print-after-all", "--quant", "fp8"]) == 0
     out = capsys.readouterr().out
     names = [line.split()[3] for line in out.splitlines() if line.startswith("# ---- after")]
-    assert names == ["cse", "dce", "fold_rope", "fuse_qkv", "fuse_gate_up", "fuse_add_norm", "quantize_fp8", "cse", "dce"]
+    assert names == ["cse", "dce", "fold_rope", "fuse_qkv", "fuse_gate_up", "fuse_add_norm", "quantize_fp8", "fp8_weight_nk",
+                     "fuse_fp8_act", "cse", "dce"]
     assert "%layers.0.qkv_proj" in out and "qlinear(" in out
