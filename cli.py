@@ -99,8 +99,15 @@ def _cmd_eval(args) -> int:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{args.text}: cannot read the text file ({e.__class__.__name__})") from None
-    r = evaluate_text(args.model, text, dtype=args.dtype, quantization=args.quant, window=args.window,
-                      stride=args.stride, progress=not args.no_progress)
+    calib = args.calibration
+    if calib not in (None, "default"):
+        try:
+            with open(calib, encoding="utf-8") as f:
+                calib = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{args.calibration}: cannot read the calibration text ({e.__class__.__name__})") from None
+    r = evaluate_text(args.model, text, dtype=args.dtype, quantization=args.quant, quant_method=args.quant_method,
+                      calibration=calib, window=args.window, stride=args.stride, progress=not args.no_progress)
     print(f"perplexity {r.perplexity:.4f}  (nll {r.nll:.5f} nats/token, {r.tokens} tokens scored, "
           f"{r.windows} windows of {args.window}, stride {args.stride}, dtype {args.dtype})")
     return 0
@@ -243,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", required=True, help="a UTF-8 text file")
     ev.add_argument("--dtype", default="auto", choices=DTYPES)
     ev.add_argument("--quant", default=None, choices=["fp8", "int8_wo", "int4_wo"], help="quantize the weights first")
+    ev.add_argument("--quant-method", default=None, choices=["rtn", "awq", "gptq", "awq+gptq"],
+                    help="how weights are rounded (default: rtn; gptq / awq calibrate on --calibration)")
+    ev.add_argument("--calibration", default=None, help="calibration text file, or 'default' (passes/calibration.txt)")
     ev.add_argument("--window", type=int, default=512, help="tokens per window")
     ev.add_argument("--stride", type=int, default=256, help="tokens between window starts")
     ev.add_argument("--no-progress", action="store_true")

@@ -36,8 +36,9 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h += damp * np.mean(np.diag(h)) * np.eye(len(h))
-    lower = np.linalg.cholesky(h)
-    inv = np.linalg.inv(lower)
+    from scipy.linalg import solve_triangular   # a jax dependency
+
+    inv = solve_triangular(np.linalg.cholesky(h), np.eye(len(h)), lower=True)
     hinv = inv.T @ inv
     return np.linalg.cholesky(hinv).T.astype(np.float32)
 
@@ -95,9 +96,17 @@ class Int4Grid:
 
 
 def gptq(w: np.ndarray, h: np.ndarray, grid, *, group: int | None = None, block: int = BLOCK,
-         damp: float = DAMP) -> np.ndarray:
+         damp: float = DAMP, act_order: bool = True) -> np.ndarray:
     """The weight [in, out] rounded onto `grid` row by row with GPTQ's error feedback; returns
-    the rounded (float) weight. `group`: `grid.start_group` is called every `group` rows."""
+    the rounded (float) weight. `group`: `grid.start_group` is called every `group` rows.
+    `act_order` (no groups): rows in order of decreasing input energy diag(H), so the rows that
+    matter most are rounded first and the rest absorb their error."""
+    if act_order and not group:
+        perm = np.argsort(-np.diag(h), kind="stable")
+        q = gptq(np.asarray(w)[perm], h[perm][:, perm], grid, block=block, damp=damp, act_order=False)
+        out = np.empty_like(q)
+        out[perm] = q
+        return out
     w = np.array(w, np.float32)
     n = w.shape[0]
     w[np.diag(h) <= 0] = 0.0

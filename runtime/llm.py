@@ -73,11 +73,13 @@ class LLM:
     device memory; enable_prefix_caching: reuse the KV blocks of shared prompt prefixes;
     seed: the base of the per-request seeds; attention: the attention implementation
     (see runtime/kernels); overlap: plan step N+1 while step N runs; warmup: compile every
-    token bucket at start-up instead of on first use.
+    token bucket at start-up instead of on first use. quant_method / calibration: how
+    `quantization` rounds the weights (rtn | awq | gptq | awq+gptq; calibration: "default"
+    for passes/calibration.txt, a text, or token-id prompts; with calibration, GPTQ by default).
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", quantization: str | None = None,
-                 kv_cache_dtype: str | None = None, fuse: bool = True, tp: int = 1, pp: int = 1,
+                 quant_method: str | None = None, calibration=None, kv_cache_dtype: str | None = None, fuse: bool = True, tp: int = 1, pp: int = 1,
                  max_num_seqs: int = 64, max_num_tokens: int = 1024, max_model_len: int | None = None,
                  kv_block_size: int = 16, gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, attention: str = "auto",
@@ -99,8 +101,13 @@ class LLM:
             self.config = ckpt.config
             self.dtype = resolve_dtype(dtype, ckpt.config.dtype)
             self.tokenizer = ckpt.load_tokenizer()
+            if isinstance(calibration, str) or (calibration is None and quant_method not in (None, "rtn")):
+                from kiln.passes.quantize import calibration_prompts   # "default" (passes/calibration.txt) or a text
+
+                calibration = calibration_prompts(self.tokenizer, None if calibration in (None, "default") else calibration)
             self._prepare_model(ckpt, PipelineOptions(fuse=fuse, quantization=quantization,
-                                                      kv_cache_dtype=kv_cache_dtype), tp, pp, attention)
+                                                      kv_cache_dtype=kv_cache_dtype, quant_method=quant_method,
+                                                      calibration=calibration), tp, pp, attention)
         cfg = self.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         sharded = self.sharded
