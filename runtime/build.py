@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kiln.runtime.engine_dir import BuildConfig, EngineWriter, use_compile_cache
+from kiln.runtime.kernels.quant_matmul import set_tuned_table
 
 
 class _Stages:
@@ -57,6 +58,12 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
             writer.save_graph(llm.graph)
             writer.save_tokenizer(llm.tokenizer)
             writer.save_weights(llm.params, wait=False)  # written in the background while we compile
+        files = ()
+        from kiln.runtime.autotune import qlinear_shapes
+
+        if bc.autotune_budget_s is not None and bc.tp * bc.pp == 1 and qlinear_shapes(llm.graph):
+            with stage(f"autotune the quantized matmuls (budget {bc.autotune_budget_s:g} s)"):
+                files = (_autotune(llm, writer, bc, log),)
         batches = llm.runner.build_batches()
         with stage(f"compile {len(batches)} shape buckets (parallel): tokens "
                    + ",".join(str(len(b.inputs["token_ids"])) for b in batches)):
@@ -64,10 +71,34 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
         with stage("finish writing weights"):
             writer.wait()
         writer.write_manifest(config=llm.config.to_json(), build=bc, params=llm.params,
-                              mesh_shape={"tp": bc.tp, "pp": bc.pp}, command=command or f"kiln build {model or ''} -o {out_dir}")
+                              mesh_shape={"tp": bc.tp, "pp": bc.pp}, command=command or f"kiln build {model or ''} -o {out_dir}",
+                              files=files)
         path = writer.commit()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        set_tuned_table(None)  # the table belongs to the engine: LLM(ENGINE_DIR) sets it again
     log(f"[build] engine written to {path} in {time.perf_counter() - t0:.1f} s")
     return path
+
+
+def _autotune(llm, writer: EngineWriter, bc: BuildConfig, log) -> str:
+    """Time the quantized matmuls of every token bucket, save autotune.json and set the table
+    before the steps are traced (the compiled steps hold the choice). Returns the file's name."""
+    import jax
+
+    from kiln.runtime import autotune
+
+    counts = [len(b.inputs["token_ids"]) for b in llm.runner._warmup_batches()]
+    cache_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # the timing compiles stay out of the engine
+    try:
+        table = autotune.autotune(llm.graph, llm.dtype, counts, budget_s=bc.autotune_budget_s, log=log)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_on)
+    autotune.save(table, writer.tmp, device_kind=jax.devices()[0].device_kind, budget_s=bc.autotune_budget_s)
+    set_tuned_table(autotune.as_table(table))
+    kernel = sum(v["impl"] != "xla" for v in table.values())
+    log(f"[build] autotune: {len(table)} (shape, tokens) entries, {kernel} on the kernel")
+    return autotune.FILE

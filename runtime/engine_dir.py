@@ -8,6 +8,8 @@
                       their target shardings)
       tokenizer/      the tokenizer files (transformers' save_pretrained)
       compiled/       JAX's persistent compilation cache, filled for every shape bucket
+      autotune.json   the quantized matmuls' choice per shape and token bucket (runtime/autotune.py;
+                      only when the build ran the autotune; its sha256 is in engine.json)
 
 A build writes into a temporary sibling directory and renames it into place at the end, so a
 build killed half way never leaves a directory that loads.
@@ -52,6 +54,7 @@ class BuildConfig:
     gpu_memory_utilization: float = 0.9    # sizes the pool when num_kv_blocks is None
     attention: str = "auto"
     compiler_options: dict = field(default_factory=dict)  # XLA options of every step compile (in effect)
+    autotune_budget_s: float | None = 20.0  # quantized-matmul autotune (runtime/autotune.py); None: none
     passes: list[str] = field(default_factory=list)  # filled by the build: the passes that ran
 
     def to_json(self) -> dict:
@@ -147,7 +150,9 @@ class EngineWriter:
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp / "tokenizer")
 
-    def write_manifest(self, *, config: dict, build: BuildConfig, params, mesh_shape: dict, command: str):
+    def write_manifest(self, *, config: dict, build: BuildConfig, params, mesh_shape: dict, command: str,
+                       files: tuple[str, ...] = ()):
+        """engine.json; `files`: extra files of the engine directory, listed with their sha256."""
         import jax
 
         manifest = {
@@ -161,6 +166,8 @@ class EngineWriter:
                        for path, a in jax.tree_util.tree_flatten_with_path(params)[0]},
             "build_command": command,
         }
+        if files:
+            manifest["files"] = {f: file_sha256(self.tmp / f) for f in files}
         manifest["checksum"] = _checksum(manifest)
         (self.tmp / "engine.json").write_text(json.dumps(manifest, indent=1))
 
@@ -204,6 +211,22 @@ def read_manifest(engine_dir: str | os.PathLike) -> dict:
             raise EngineError(f"{d}: built with {key} {built.get(key)!r} but this machine has {here[key]!r}; "
                               f"rebuild with: {rebuild}")
     return m
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_file(engine_dir: str | os.PathLike, manifest: dict, name: str) -> Path:
+    """ENGINE_DIR/name, checked against the sha256 engine.json lists for it."""
+    f = Path(engine_dir) / name
+    rebuild = manifest.get("build_command") or "kiln build CHECKPOINT -o " + str(engine_dir)
+    want = manifest.get("files", {}).get(name)
+    if not f.exists():
+        raise EngineError(f"{f}: missing (engine.json lists it); rebuild with: {rebuild}")
+    if want != file_sha256(f):
+        raise EngineError(f"{f}: changed after the build (checksum mismatch); rebuild with: {rebuild}")
+    return f
 
 
 def weight_shapes(manifest: dict, shardings=None) -> dict:

@@ -97,6 +97,9 @@ class LLM:
             tp, pp, kv_block_size, num_kv_blocks = bc.tp, bc.pp, bc.kv_block_size, bc.num_kv_blocks
             max_model_len, max_num_seqs, max_num_tokens = bc.max_model_len, bc.max_num_seqs, bc.max_num_tokens
         else:
+            from kiln.runtime.kernels.quant_matmul import set_tuned_table
+
+            set_tuned_table(None)  # no engine, no autotune table: the static rule
             ckpt = open_checkpoint(model)
             self.config = ckpt.config
             self.dtype = resolve_dtype(dtype, ckpt.config.dtype)
@@ -155,6 +158,11 @@ class LLM:
 
         manifest = read_manifest(path)
         use_compile_cache(Path(path) / "compiled")
+        from kiln.runtime import autotune
+        from kiln.runtime.kernels.quant_matmul import set_tuned_table
+
+        # the build's quantized-matmul choices, fixed before any step is traced
+        set_tuned_table(autotune.load(path, manifest) if autotune.FILE in manifest.get("files", {}) else None)
         bc = BuildConfig.from_json(manifest["build"])
         self.config = ModelConfig.from_json(manifest["model_config"])
         self.graph = load_graph(Path(path) / "graph.json")

@@ -23,7 +23,9 @@ Implementations (`impl`): "xla" (the reference: XLA converts the weight inside t
 "pallas" (the kernel), "interpret" (the kernel in Pallas interpret mode, for CPU tests) and
 "auto": the kernel on a GPU for 16-bit activations when the shape tiles and M is at most
 `AUTO_MAX_M[mode]` (where the kernel measured faster), XLA elsewhere.
-`KILN_QMATMUL=xla|pallas|interpret|auto` overrides "auto".
+`KILN_QMATMUL=xla|pallas|interpret|auto` overrides "auto". Before the static rule, "auto"
+consults the engine's autotune table (`set_tuned_table`, runtime/autotune.py); an explicit
+impl or `KILN_QMATMUL` value other than "auto" overrides the table too.
 """
 
 from __future__ import annotations
@@ -332,6 +334,24 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
 
 # --------------------------------------------------------------------------- dispatch
 
+# The build's autotune table (runtime/autotune.py), set process-wide by `LLM(ENGINE_DIR)` before
+# any step is traced: (mode, K, N, group, w_layout, M, dtype) -> ("xla" | "pallas" | "interpret",
+# QMatmulConfig or None). "auto" consults it first; shapes it does not hold keep the static rule.
+_TUNED_TABLE: dict[tuple, tuple[str, QMatmulConfig | None]] = {}
+
+
+def set_tuned_table(table: dict[tuple, tuple[str, QMatmulConfig | None]] | None) -> None:
+    """Replace the process-wide autotune table (None or {}: the static rule everywhere). Steps
+    traced afterwards see it; executables already compiled keep the choice they were traced with."""
+    _TUNED_TABLE.clear()
+    _TUNED_TABLE.update(table or {})
+
+
+def tuned_choice(m: int, k: int, n: int, mode: str, group_size: int | None, w_layout: str, dtype
+                 ) -> tuple[str, QMatmulConfig | None] | None:
+    """The table's (impl, config) for this exact shape, or None when it holds none."""
+    return _TUNED_TABLE.get((mode, k, n, group_size, w_layout, m, jnp.dtype(dtype).name))
+
 
 def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int | None, dtype) -> str:
     """The implementation that runs: "auto" (or `KILN_QMATMUL`) is the kernel on a GPU for
@@ -361,7 +381,12 @@ def quant_matmul(x, w, scale, minimum=None, *, mode: str, group_size: int | None
     if mode not in MODES:
         raise ConfigError(f"quantized matmul mode must be one of {MODES}, got {mode!r}")
     m, k = x.shape
-    impl = resolve_impl(impl, m, k, scale.shape[-1], mode, group_size, x.dtype)
+    n = scale.shape[-1]
+    explicit = impl != "auto" or os.environ.get("KILN_QMATMUL", "auto") != "auto"
+    tuned = None if explicit or config is not None else tuned_choice(m, k, n, mode, group_size, w_layout, x.dtype)
+    if tuned is not None and (tuned[0] != "pallas" or jax.default_backend() == "gpu"):
+        impl, config = tuned
+    impl = resolve_impl(impl, m, k, n, mode, group_size, x.dtype)
     if impl == "xla":
         return quant_matmul_reference(x, w, scale, minimum, mode=mode, group_size=group_size, w_layout=w_layout)
     return quant_matmul_pallas(x, w, scale, minimum, mode=mode, group_size=group_size, config=config,
@@ -369,4 +394,4 @@ def quant_matmul(x, w, scale, minimum=None, *, mode: str, group_size: int | None
 
 
 __all__ = ["QMatmulConfig", "choose_config", "quant_matmul", "quant_matmul_pallas", "quant_matmul_reference",
-           "resolve_impl", "unpack_int4", "IMPLS", "AUTO_MAX_M"]
+           "resolve_impl", "set_tuned_table", "tuned_choice", "unpack_int4", "IMPLS", "AUTO_MAX_M"]
