@@ -151,12 +151,21 @@ def autotune(graph, dtype: str, token_counts, *, budget_s: float = 20.0, kernel_
             x, w, scale, mn = _inputs(s, m, dtype)
             times = {}
             for impl, c in cands:
+                if c is not None and time.perf_counter() - t0 > budget_s:
+                    break  # out of time inside a key: the best of what was timed
                 fn = (lambda x, w, scale, mn, impl=impl, c=c: quant_matmul(
                     x, w, scale, mn, mode=s.mode, group_size=s.group, impl=impl, config=c, w_layout=s.layout))
-                times[(impl, c)] = timer(fn, (x, w, scale, mn), impl=impl, config=c)
+                try:
+                    times[(impl, c)] = timer(fn, (x, w, scale, mn), impl=impl, config=c)
+                except Exception as e:  # a config the compiler refuses (shared memory, registers)
+                    if c is None:
+                        raise
+                    log(f"[autotune] {_label(impl, c)} failed: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
+                    times[(impl, c)] = math.inf
             (impl, c), best = min(times.items(), key=lambda kv: kv[1])
             table[_key(s, m, dtype)] = {"impl": impl, "config": dataclasses.asdict(c) if c else None,
-                                        "us": {_label(i, cc): round(t * 1e6, 2) for (i, cc), t in times.items()}}
+                                        "us": {_label(i, cc): round(t * 1e6, 2) if t < math.inf else None
+                                               for (i, cc), t in times.items()}}
             log(f"[autotune] {s.mode} [{m}, {s.k}] x [{s.k}, {s.n}]: {_label(impl, c)} "
                 f"{best * 1e6:.1f} us (xla {times[('xla', None)] * 1e6:.1f} us)")
     return table

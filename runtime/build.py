@@ -91,12 +91,14 @@ def _autotune(llm, writer: EngineWriter, bc: BuildConfig, log) -> str:
     from kiln.runtime import autotune
 
     counts = [len(b.inputs["token_ids"]) for b in llm.runner._warmup_batches()]
-    cache_on = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # the timing compiles stay out of the engine
+    # the timing compiles stay out of the engine's cache: entries are written only above this
+    # compile time, read per write (turning the cache off would stick: JAX checks that once)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
     try:
         table = autotune.autotune(llm.graph, llm.dtype, counts, budget_s=bc.autotune_budget_s, log=log)
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache_on)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
     autotune.save(table, writer.tmp, device_kind=jax.devices()[0].device_kind, budget_s=bc.autotune_budget_s)
     set_tuned_table(autotune.as_table(table))
     kernel = sum(v["impl"] != "xla" for v in table.values())

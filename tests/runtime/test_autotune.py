@@ -4,6 +4,7 @@
 On the CPU the kernel is never a real candidate, so the kernel is forced in (interpret mode)
 with a timer that makes it the fastest at 16 tokens."""
 
+import dataclasses
 import json
 import shutil
 
@@ -131,6 +132,17 @@ def test_budget_and_candidates(ckpt):
     table = autotune.autotune(graph, "float32", [16, 32, 512], kernel_impl=None,
                               timer=lambda fn, args, **c: timed.append(c) or 1.0)
     assert timed == [] and len(table) == 2 * len(shapes) and all(v["impl"] == "xla" for v in table.values())
+    # a config the compiler refuses is skipped (no time), the others still compete
+    first = autotune.candidates(shapes[0], 16)[0]
+
+    def refuses_first(fn, args, *, impl, config):
+        if config == first:
+            raise RuntimeError("out of shared memory")
+        return 1.0 if impl == "xla" else 0.5
+
+    table = autotune.autotune(graph, "float32", [16], kernel_impl="interpret", timer=refuses_first)
+    e = table[("int4_wo", shapes[0].k, shapes[0].n, shapes[0].group, "kn", 16, "float32")]
+    assert e["impl"] == "interpret" and e["config"] != dataclasses.asdict(first) and None in e["us"].values()
     # a real timing round (interpret mode) picks some candidate of the key and runs it
     s = shapes[0]
     real = autotune.autotune(graph, "float32", [16], kernel_impl="interpret", budget_s=60.0,
