@@ -35,6 +35,7 @@ class MatmulShape:
     n: int
     group: int | None
     layout: str              # "kn" | "nk"
+    max_m: int = MAX_M       # fp8: below its W8A8 token count only (at and above, one FP8 GEMM)
 
 
 def qlinear_shapes(graph) -> list[MatmulShape]:
@@ -46,8 +47,14 @@ def qlinear_shapes(graph) -> list[MatmulShape]:
         if node.op != "qlinear" or (a["mode"] == "fp8" and (a.get("w_layout", "kn") == "nk" or a.get("out_dtype"))):
             continue
         w = graph.type_of(node.inputs[1])
+        max_m = MAX_M
+        if a["mode"] == "fp8":
+            from kiln.passes.ops import FP8_W8A8_MIN_TOKENS
+
+            t = a.get("w8a8_min_tokens")
+            max_m = min(MAX_M, (FP8_W8A8_MIN_TOKENS if t is None else t) - 1)
         s = MatmulShape(a["mode"], int(a["in_features"]), math.prod(int(d) for d in w.shape[1:]),
-                        a.get("group_size") if a["mode"] == "int4_wo" else None, a.get("w_layout", "kn"))
+                        a.get("group_size") if a["mode"] == "int4_wo" else None, a.get("w_layout", "kn"), max_m)
         if s not in out:
             out.append(s)
     return out
@@ -140,7 +147,7 @@ def autotune(graph, dtype: str, token_counts, *, budget_s: float = 20.0, kernel_
     ms = sorted({int(m) for m in token_counts if 0 < int(m) <= MAX_M})
     table = {}
     for m in ms:                       # the smallest (decode) buckets first: they matter most
-        for s in qlinear_shapes(graph):
+        for s in (s for s in qlinear_shapes(graph) if m <= s.max_m):
             cands = [("xla", None)] + [(kernel_impl, c) for c in (candidates(s, m, dtype) if kernel_impl else [])]
             if len(cands) == 1:  # nothing to choose: no timing
                 table[_key(s, m, dtype)] = {"impl": "xla", "config": None, "us": {}}
