@@ -167,7 +167,8 @@ def autotune(graph, dtype: str, token_counts, *, budget_s: float = 20.0, kernel_
                 except Exception as e:  # a config the compiler refuses (shared memory, registers)
                     if c is None:
                         raise
-                    log(f"[autotune] {_label(impl, c)} failed: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
+                    why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                    log(f"[autotune] {_label(impl, c)} failed: {why}")
                     times[(impl, c)] = math.inf
             (impl, c), best = min(times.items(), key=lambda kv: kv[1])
             table[_key(s, m, dtype)] = {"impl": impl, "config": dataclasses.asdict(c) if c else None,

@@ -71,8 +71,8 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
         with stage("finish writing weights"):
             writer.wait()
         writer.write_manifest(config=llm.config.to_json(), build=bc, params=llm.params,
-                              mesh_shape={"tp": bc.tp, "pp": bc.pp}, command=command or f"kiln build {model or ''} -o {out_dir}",
-                              files=files)
+                              mesh_shape={"tp": bc.tp, "pp": bc.pp},
+                              command=command or f"kiln build {model or ''} -o {out_dir}", files=files)
         path = writer.commit()
     except BaseException:
         writer.abort()
