@@ -1,6 +1,6 @@
 """Perplexity of the default model (SmolLM2-135M-Instruct) on the fixed excerpt under the
 shipped quantization rows of BENCHMARKS.md "SmolLM2-135M perplexity with GPTQ" (window 512,
-stride 256: fp8 runs its W8A8 path; W8A16 rows raise FP8_W8A8_MIN_TOKENS above the window,
+stride 256: fp8 runs its W8A8 path; the W8A16 row raises FP8_W8A8_MIN_TOKENS above the window,
 the weight-only path that steps below 256 tokens take).
 
 - int4_wo with 32-groups reproduces the checkpoint exactly: the shipped GGUF stores every
@@ -41,14 +41,15 @@ def _ppl(g, p, tok, w8a16=False):
 
 
 def test_int4_g32_reproduces_the_q4_1_checkpoint(fused):
+    """Every projection's int4 g32 codes decode to the checkpoint's weights (so the perplexity
+    is the float graph's: BENCHMARKS.md measures 24.2096 for both)."""
     g, p, tok = fused
     gq, pq = compile_model(g, p, quantization="int4_wo", int4_group_size=32)
-    n = next(n for n in gq.nodes if n.op == "qlinear" and n.name.startswith("layers.3.gate_up"))
-    assert n.attrs["group_size"] == 32
-    deq = qz.dequantize("int4_wo", *[pq[i] for i in n.inputs[1:4]], group=32)
-    np.testing.assert_allclose(deq, p[n.inputs[1]], rtol=1e-3, atol=1e-6)
-    r = _ppl(gq, pq, tok)
-    assert abs(r.perplexity / SMOLLM2_FP32_PPL - 1) < 0.002, r       # target: within 5%
+    nodes = [n for n in gq.nodes if n.op == "qlinear"]
+    assert len(nodes) == 4 * 30 and all(n.attrs["group_size"] == 32 for n in nodes)
+    for n in nodes:
+        deq = qz.dequantize("int4_wo", *[pq[i] for i in n.inputs[1:4]], group=32)
+        np.testing.assert_allclose(deq, p[n.inputs[1]], rtol=1e-3, atol=1e-6, err_msg=n.name)
 
 
 def test_fp8_gptq_w8a16_within_one_percent(fused):
