@@ -108,9 +108,14 @@ class LLM:
                 from kiln.passes.quantize import calibration_prompts   # "default" (passes/calibration.txt) or a text
 
                 calibration = calibration_prompts(self.tokenizer, None if calibration in (None, "default") else calibration)
+            probe = None
+            if tp * pp == 1 and num_kv_blocks is None:  # the KV pool is sized from memory: measure beside the load
+                probe = dict(block_size=kv_block_size, max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
+                             max_model_len=min(max_model_len or self.config.max_position_embeddings,
+                                               self.config.max_position_embeddings), attention=attention)
             self._prepare_model(ckpt, PipelineOptions(fuse=fuse, quantization=quantization,
                                                       kv_cache_dtype=kv_cache_dtype, quant_method=quant_method,
-                                                      calibration=calibration), tp, pp, attention)
+                                                      calibration=calibration), tp, pp, attention, probe)
         cfg = self.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         sharded = self.sharded
@@ -120,7 +125,7 @@ class LLM:
                              gpu_memory_utilization=gpu_memory_utilization, attention=attention,
                              step_fn=sharded.raw_step if sharded else None,
                              allocate_kv=sharded.allocate_kv_cache if sharded else None,
-                             kv_shards=tp * pp, **kw)
+                             kv_shards=tp * pp, activation_bytes=self._activation_bytes(), **kw)
         if is_engine_dir(model):
             self._finish_engine_load(bc)
         if warmup:
@@ -130,13 +135,20 @@ class LLM:
                              max_num_tokens=max_num_tokens, enable_prefix_caching=enable_prefix_caching, seed=seed,
                              overlap=overlap)
 
-    def _prepare_model(self, ckpt, options: PipelineOptions, tp: int, pp: int, attention: str) -> None:
+    def _prepare_model(self, ckpt, options: PipelineOptions, tp: int, pp: int, attention: str,
+                       probe: dict | None = None) -> None:
         """Graph and placed params: load, run the pass pipeline (fusion, quantization: the
         weight transforms run once, here), then place on a (pp, tp) mesh when tp * pp > 1.
         On one device the weights stream straight to it; sharded, they pass through the host
-        once and go to their shards."""
+        once and go to their shards. With `probe` (the runner's shape options), the largest
+        step's activation memory is measured in a thread while the weights load: the pass
+        pipeline is first run on shapes only (`jax.eval_shape`), which gives the final graph
+        and parameter shapes without any weight."""
         graph = build_graph(ckpt.config, self.dtype)
         sharded = tp * pp > 1
+        self._activation_probe = None
+        if probe is not None and options.calibration is None:  # calibration runs the model: not on shapes
+            self._activation_probe = self._start_activation_probe(graph, options, probe)
         t = time.perf_counter()
         params = ckpt.load_params(graph, put=(lambda name, a: a) if sharded else None)
         t_load = time.perf_counter() - t
@@ -150,6 +162,40 @@ class LLM:
 
             self.sharded = shard_model(self.graph, tp=tp, pp=pp, attention=attention)
             self.params = self.sharded.place(self.params)
+
+    def _start_activation_probe(self, graph, options: PipelineOptions, probe: dict):
+        import jax
+        import numpy as np
+
+        if "bytes_limit" not in (jax.devices()[0].memory_stats() or {}):  # no device memory to size (CPU)
+            return None
+        shapes = {p.name: jax.ShapeDtypeStruct(tuple(p.type.shape), np.dtype(p.type.dtype)) for p in graph.params.values()}
+        box = {}
+
+        def passes_on_shapes(p):
+            box["graph"], out = run_pipeline(graph, p, options)
+            return out
+
+        try:
+            params = jax.eval_shape(passes_on_shapes, shapes)
+        except Exception:  # a pass that needs values: the runner measures after the load instead
+            return None
+        dtype = self.dtype
+
+        def measure():
+            t = time.perf_counter()
+            n = Runner(box["graph"], params, dtype=dtype, num_kv_blocks=1, log=None, **probe)._activation_bytes()
+            return n, time.perf_counter() - t
+
+        return _Background(measure)
+
+    def _activation_bytes(self) -> int | None:
+        probe, self._activation_probe = getattr(self, "_activation_probe", None), None
+        if probe is None:
+            return None
+        n, dt = probe.result()
+        self._log(f"activation memory of the largest step measured in {dt:.1f} s (beside the weights' load)")
+        return n
 
     def _load_engine(self, path, attention: str):
         """Restore a `kiln build` engine directory; its compiled steps come from its cache."""

@@ -45,7 +45,8 @@ class Runner:
     def __init__(self, graph: Graph, params: dict, *, dtype: str, block_size: int, max_num_seqs: int,
                  max_num_tokens: int, max_model_len: int, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, attention: str = "auto", step_fn=None, allocate_kv=None,
-                 kv_shards: int = 1, log=_log_stderr, compiler_options: dict | None = None):
+                 kv_shards: int = 1, log=_log_stderr, compiler_options: dict | None = None,
+                 activation_bytes: int | None = None):
         self.graph, self.params, self.dtype = graph, params, dtype
         self.block_size, self.max_num_seqs, self.max_num_tokens = block_size, max_num_seqs, max_num_tokens
         self.max_blocks = -(-max_model_len // block_size)
@@ -56,6 +57,7 @@ class Runner:
         self._allocate_kv = allocate_kv or (lambda n, bs, dt: allocate_kv_cache(graph, n, bs, dt))
         self.kv_shards = kv_shards
         self.set_compiler_options(compiler_options)
+        self._given_activation_bytes = activation_bytes  # measured elsewhere (LLM, beside the load)
         self._compiled: set = set()
         self._executables: dict = {}   # shape key -> compiled step (fetched from the persistent cache if there)
         self._pending: dict = {}       # shape key -> Future of a background fetch (`preload`)
@@ -112,7 +114,9 @@ class Runner:
         if "bytes_limit" not in stats:  # host memory: at most CPU_KV_BYTES, at least one full sequence
             cap = max(self.max_blocks + 1, CPU_KV_BYTES // max(per_block, 1))
             return min(self.max_num_seqs * self.max_blocks + 1, cap)
-        activations = self._activation_bytes()
+        activations = self._given_activation_bytes
+        if activations is None:
+            activations = self._activation_bytes()
         avail = utilization * stats["bytes_limit"] - stats.get("bytes_in_use", 0) - activations
         n = int(avail // per_block)
         if n < self.max_blocks:

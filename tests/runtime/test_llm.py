@@ -182,3 +182,33 @@ def test_async_engine_streams(llm):
         return await asyncio.gather(*(one(p) for p in ps))
 
     assert asyncio.run(main()) == want
+
+
+def test_activation_probe_beside_the_load_sizes_the_pool_the_same(monkeypatch):
+    """On a device with memory statistics, LLM measures the largest step's activation memory
+    in a thread while the weights load (the passes run on shapes first); the KV pool comes
+    out exactly as when the runner measures it after the load."""
+    import jax
+
+    import kiln.runtime.llm as llm_mod
+
+    real_devices = jax.devices
+
+    class WithMemory:  # a CPU device that reports 8 GiB of device memory
+        def __init__(self, d):
+            self._d = d
+
+        def memory_stats(self):
+            return {"bytes_limit": 8 << 30, "bytes_in_use": 0}
+
+        def __getattr__(self, name):
+            return getattr(self._d, name)
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [WithMemory(d) for d in real_devices(*a)])
+    kw = dict(dtype="float32", max_num_seqs=4, max_num_tokens=64, max_model_len=128, quantization="int8_wo")
+    logs = []
+    beside = LLM("random:llama-tiny", log=logs.append, **kw)
+    assert any("beside the weights' load" in m for m in logs), logs
+    monkeypatch.setattr(llm_mod.LLM, "_start_activation_probe", lambda *a: None)
+    after = LLM("random:llama-tiny", log=None, **kw)
+    assert beside.runner.num_blocks == after.runner.num_blocks > 0
