@@ -182,6 +182,10 @@ class EngineWriter:
         return self.final
 
     def abort(self):
+        saver = getattr(self, "_saver", None)
+        if saver is not None:  # a background weight save still writing: let it end, then remove it all
+            saver.join()
+            self._saver = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

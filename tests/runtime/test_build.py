@@ -144,3 +144,20 @@ def test_build_buckets_and_compiler_options(built):
     r.set_compiler_options({"xla_no_such_option_here": 1})
     assert r.compiler_options == {}
     assert _tokens(eng) == _tokens(LLM(str(built[1])))
+
+
+def test_failed_build_leaves_nothing(built, tmp_path, monkeypatch):
+    """A build that fails while its weights are still being written in the background leaves
+    neither the engine directory nor its partial one behind."""
+    from kiln.runtime.runner import Runner
+
+    ckpt, _ = built
+
+    def boom(self, *a, **k):
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(Runner, "precompile", boom)
+    out = tmp_path / "never"
+    with pytest.raises(RuntimeError, match="compile failed"):
+        main(["build", str(ckpt), "-o", str(out)] + ENGINE_ARGS)
+    assert list(tmp_path.iterdir()) == []
