@@ -8,12 +8,13 @@ step-input names (`ir.STEP_INPUTS`) to int32 arrays. The layers are unrolled: ev
 parameters stay separate arrays (a scan over stacked weights is 3x slower at decode on the
 H100, GPU-NOTES.md). Jit the result at the top level with the cache donated.
 
-Each node's lowering runs inside a nested `jax.jit` shared by every node with the same op and
-attributes (an attention node gets its own layer's cache entry as an argument, so its `layer`
-attribute does not split them). A 32-layer model is then traced and lowered to StableHLO once
-per distinct node, not once per layer: tracing is what a warm start pays per shape bucket even
-when the compiled step comes from the cache. XLA inlines the calls, so the compiled step is
-the same.
+Each attention node's lowering (the KV write, the kernel or the reference, RoPE) runs inside
+a nested `jax.jit` shared by every attention node with the same attributes: it gets its own
+layer's cache entry as an argument, so its `layer` attribute does not split them. A 32-layer
+model then traces and lowers its attention to StableHLO once, not once per layer: tracing is
+what a warm start pays per shape bucket even when the compiled step comes from the cache. XLA
+inlines the calls, so the compiled step is the same; the cheap nodes stay inline (a call
+boundary around `add_rms_norm` left its stacked output materialised).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def lower(graph: Graph, *, attention: str = "auto", shard=None, outline: bool = 
     jitted: dict = {}  # (op, attributes but the layer) -> the node's nested jit, shared by the layers
 
     def call(ctx, op, fn, args, attrs):
-        if not outline:
-            return fn(ctx, *args, **attrs)
+        if not outline or "layer" not in attrs:  # only the attention nodes: the rest trace cheaply, and
+            return fn(ctx, *args, **attrs)       # a call boundary can cost a fusion (a stack before a slice)
         key = (op, json.dumps({k: v for k, v in attrs.items() if k != "layer"}, sort_keys=True, default=repr))
         f = jitted.get(key)
         if f is None:
