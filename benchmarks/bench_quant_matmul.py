@@ -28,6 +28,7 @@ import numpy as np
 
 from kiln.passes import quantize as qz
 from kiln.runtime.kernels import quant_matmul as qm
+from bench_fp8 import bench  # the same median-of-20 timer (benchmarks/ is on sys.path when run as a script)
 
 E, MLP = 4096, 14336
 SHAPES = {"qkv": (E, 6144), "o": (E, E), "gate_up": (E, 2 * MLP), "down": (MLP, E)}
@@ -74,17 +75,6 @@ def matmul(mode, x, w, impl="xla", config=None):
         impl = "interpret"  # CPU smoke test
     return qm.quant_matmul(x, *w, mode=m, group_size=g, impl=impl, config=config,
                            w_layout="nk" if mode in NK else "kn")
-
-
-def bench(fn, *args, iters=20):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def copy_bandwidth():

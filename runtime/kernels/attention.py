@@ -21,12 +21,12 @@ scales into the softmax scale and the output).
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 
 from kiln.errors import ConfigError
+from kiln.runtime.kernels import requested_impl
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -108,12 +108,7 @@ def resolve_impl(impl: str, *, head_dim: int, block_size: int) -> str:
     it) and the reference elsewhere; an explicit choice is checked, never changed."""
     from kiln.runtime.kernels.ragged_paged_attention import supported
 
-    if impl not in IMPLS:
-        raise ConfigError(f"unknown attention implementation {impl!r}; choose one of {', '.join(IMPLS)}")
-    if impl == "auto":
-        impl = os.environ.get("KILN_ATTENTION", "auto")
-        if impl not in IMPLS:
-            raise ConfigError(f"KILN_ATTENTION={impl!r} is not one of {', '.join(IMPLS)}; unset it or fix it")
+    impl = requested_impl(impl, IMPLS, "KILN_ATTENTION", "attention")
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu"
         return "pallas" if on_gpu and supported(head_dim, block_size) else "reference"

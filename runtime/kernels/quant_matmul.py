@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kiln.errors import ConfigError
+from kiln.runtime.kernels import requested_impl
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 MODES = ("fp8", "int8_wo", "int4_wo")
@@ -357,12 +358,7 @@ def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int |
     """The implementation that runs: "auto" (or `KILN_QMATMUL`) is the kernel on a GPU for
     16-bit activations with M <= AUTO_MAX_M[mode] where the shape tiles, XLA elsewhere; an explicit
     "pallas"/"interpret" is checked, never changed."""
-    if impl not in IMPLS:
-        raise ConfigError(f"unknown quantized matmul implementation {impl!r}; choose one of {', '.join(IMPLS)}")
-    if impl == "auto":
-        impl = os.environ.get("KILN_QMATMUL", "auto")
-        if impl not in IMPLS:
-            raise ConfigError(f"KILN_QMATMUL={impl!r} is not one of {', '.join(IMPLS)}; unset it or fix it")
+    impl = requested_impl(impl, IMPLS, "KILN_QMATMUL", "quantized matmul")
     tiles = choose_config(m, k, n, mode, group_size) is not None
     if impl == "auto":
         ok = (jax.default_backend() == "gpu" and m <= AUTO_MAX_M[mode] and tiles
