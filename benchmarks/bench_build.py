@@ -9,7 +9,8 @@
               speed, 8 more 128-token prompts timed after the first token)
   warm start  a fresh process: LLM(ENGINE) up to the first generated token (weights from
               orbax, steps from the engine's persistent compilation cache)
-Each start is a separate process; results in $OUT/bench_build.json.
+Each start is a separate process; results in $OUT/bench_build.json. `--restore-threads 1,8` adds
+warm starts with those numbers of parallel partial restores (KILN_RESTORE_THREADS).
 """
 
 import argparse
@@ -50,8 +51,9 @@ print("RESULT", json.dumps({"import_s": t_import, "load_s": t_load, "first_token
 """
 
 
-def start(model, kw):
-    r = subprocess.run([sys.executable, "-c", START, model, json.dumps(kw)], capture_output=True, text=True)
+def start(model, kw, env=None):
+    r = subprocess.run([sys.executable, "-c", START, model, json.dumps(kw)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
     if not line:
         print(r.stdout[-3000:], r.stderr[-3000:])
@@ -65,6 +67,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--engine", default="/tmp/kiln-engine")
+    ap.add_argument("--restore-threads", default="", help="also warm-start with KILN_RESTORE_THREADS=each of these")
     a = ap.parse_args()
     res = {}
     t = time.perf_counter()
@@ -75,9 +78,11 @@ def main():
     print("build", res["build_s"], "\n".join(res["build_log"]), r.stderr[-1500:] if r.returncode else "", flush=True)
     res["engine_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.engine) for f in fs)
     kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_tokens=2048, max_model_len=2304, gpu_memory_utilization=0.85)
-    for name, model, k in (("warm_start", a.engine, {}), ("warm_start_2", a.engine, {}),
-                           ("cold_start", f"random:{a.preset}", kw)):
-        res[name] = start(model, k)
+    runs = [("warm_start", a.engine, {}, None), ("warm_start_2", a.engine, {}, None)]
+    runs += [(f"warm_start_threads{n}", a.engine, {}, {"KILN_RESTORE_THREADS": n}) for n in a.restore_threads.split(",") if n]
+    runs += [("cold_start", f"random:{a.preset}", kw, None)]
+    for name, model, k, env in runs:
+        res[name] = start(model, k, env)
         print(name, res[name], flush=True)
         with open(os.path.join(OUT, "bench_build.json"), "w") as f:  # after each part: a cut run keeps what it did
             json.dump(res, f, indent=1)

@@ -161,3 +161,20 @@ def test_failed_build_leaves_nothing(built, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="compile failed"):
         main(["build", str(ckpt), "-o", str(out)] + ENGINE_ARGS)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_restore_equals_one_restore(built):
+    """The weights restored in several partial restores (threads) are the one restore's, bit for
+    bit, and every parameter is there exactly once."""
+    import numpy as np
+
+    from kiln.runtime.engine_dir import _balanced_parts, read_manifest, restore_weights, weight_shapes
+
+    engine = built[1]
+    manifest = read_manifest(engine)
+    parts = _balanced_parts(weight_shapes(manifest), 3)
+    assert len(parts) == 3 and sorted(sum(parts, [])) == sorted(manifest["params"])
+    one, three = restore_weights(engine, manifest, threads=1), restore_weights(engine, manifest, threads=3)
+    assert one.keys() == three.keys() == manifest["params"].keys()
+    for k in one:
+        np.testing.assert_array_equal(np.asarray(one[k]), np.asarray(three[k]))
