@@ -163,7 +163,8 @@ def _cmd_build(args) -> int:
                      tp=args.tp, pp=args.pp, max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens,
                      max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
                      num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                     attention=args.attention, compiler_options=_compiler_options(args.compiler_option),
+                     attention=args.attention,
+                     compiler_options=_compiler_options(args.compiler_option) if args.compiler_option else None,
                      autotune_budget_s=None if args.no_autotune else args.autotune_budget)
     import shlex
 
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a checkpoint-free engine of a preset shape (llama-3-8b, llama-3-70b, qwen2.5-7b, ...)")
     bd.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
                     help="an XLA option for every step compile, kept with the engine (repeatable), "
-                         "e.g. xla_gpu_enable_triton_gemm=false")
+                         "e.g. xla_gpu_enable_triton_gemm=false (the default on the GPU for unquantized models)")
     bd.add_argument("--autotune-budget", type=float, default=20.0, metavar="SECONDS",
                     help="time the quantized matmuls per token bucket for at most this long (autotune.json)")
     bd.add_argument("--no-autotune", action="store_true", help="no autotune: the static kernel rule")

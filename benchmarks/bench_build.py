@@ -9,8 +9,8 @@
               speed, 8 more 128-token prompts timed after the first token)
   warm start  a fresh process: LLM(ENGINE) up to the first generated token (weights from
               orbax, steps from the engine's persistent compilation cache)
-Each start is a separate process; results in $OUT/bench_build.json. `--restore-threads 1,8` adds
-warm starts with those numbers of parallel partial restores (KILN_RESTORE_THREADS).
+Each start is a separate process; results in $OUT/bench_build.json. `--warm-env KILN_RESTORE_THREADS=1`
+adds a warm start with that environment (repeatable; KILN_PRELOAD=beside|after|off too).
 """
 
 import argparse
@@ -67,7 +67,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--engine", default="/tmp/kiln-engine")
-    ap.add_argument("--restore-threads", default="", help="also warm-start with KILN_RESTORE_THREADS=each of these")
+    ap.add_argument("--warm-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="one more warm start with these environment variables (repeatable), "
+                         "e.g. KILN_RESTORE_THREADS=1 or KILN_PRELOAD=after")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold start")
     a = ap.parse_args()
     res = {}
     t = time.perf_counter()
@@ -79,8 +82,10 @@ def main():
     res["engine_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.engine) for f in fs)
     kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_tokens=2048, max_model_len=2304, gpu_memory_utilization=0.85)
     runs = [("warm_start", a.engine, {}, None), ("warm_start_2", a.engine, {}, None)]
-    runs += [(f"warm_start_threads{n}", a.engine, {}, {"KILN_RESTORE_THREADS": n}) for n in a.restore_threads.split(",") if n]
-    runs += [("cold_start", f"random:{a.preset}", kw, None)]
+    for item in a.warm_env:
+        env = dict(kv.split("=", 1) for kv in item.split(","))
+        runs.append(("warm_start_" + "_".join(f"{k}={v}" for k, v in env.items()), a.engine, {}, env))
+    runs += [] if a.no_cold else [("cold_start", f"random:{a.preset}", kw, None)]
     for name, model, k, env in runs:
         res[name] = start(model, k, env)
         print(name, res[name], flush=True)

@@ -32,16 +32,18 @@ WORKLOADS = {  # name -> (bench args, requests at full size)
 }
 
 
-def kiln_part(preset, quick, extra, quant=None, workloads=None, scale=1.0, deadline=None, requests=None):
+def kiln_part(preset, quick, extra, quant=None, workloads=None, scale=1.0, deadline=None, requests=None, tag=""):
     """Each workload in turn on one engine; results written after each (a later one may not
     finish inside the deadline). `scale` shrinks the throughput request counts."""
     from kiln import LLM
     from kiln.runtime import bench
 
     t0 = time.time()
-    llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_num_seqs=256, max_num_tokens=2048,
-              max_model_len=2304, **extra)
-    res = {"_load_s": time.time() - t0, "_quant": quant or "bf16", "_compile_s_at_load": llm.runner.compile_seconds}
+    extra = {"max_num_seqs": 256, "max_num_tokens": 2048, **extra}
+    llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_model_len=2304, **extra)
+    res = {"_load_s": time.time() - t0, "_quant": quant or "bf16", "_compile_s_at_load": llm.runner.compile_seconds,
+           "_engine": {k: extra[k] for k in ("max_num_seqs", "max_num_tokens")} | {"compiler_options": llm.runner.compiler_options,
+                                                                                  "kv_blocks": llm.runner.num_blocks}}
     names = workloads or (list(WORKLOADS)[:2] if quick else list(WORKLOADS))
     for name in names:
         if deadline and time.time() > deadline:
@@ -60,7 +62,7 @@ def kiln_part(preset, quick, extra, quant=None, workloads=None, scale=1.0, deadl
         res[name] = rep
         print(name, res["_quant"], json.dumps(rep["results"]), json.dumps(rep["roofline"]), json.dumps(rep["engine_time"]),
               f"compile_s={rep['compile_s']:.1f}", flush=True)
-        with open(os.path.join(OUT, f"bench_e2e_kiln_{res['_quant']}.json"), "w") as f:
+        with open(os.path.join(OUT, f"bench_e2e_kiln_{res['_quant']}{tag}.json"), "w") as f:
             json.dump(res, f, indent=1)
     return res
 
@@ -131,8 +133,18 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (skips the memory estimate's compile)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-tokens", type=int, default=2048)
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="XLA option of the step compiles (repeatable; default: Kiln's rule)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name (bench_e2e_kiln_<quant><tag>.json)")
     a = ap.parse_args()
     extra = {"attention": a.attention} if a.attention else {}
+    extra.update(max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens)
+    if a.compiler_option:
+        from kiln.cli import _compiler_options
+
+        extra["compiler_options"] = _compiler_options(a.compiler_option)
     if a.num_kv_blocks:
         extra["num_kv_blocks"] = a.num_kv_blocks
     if a.gpu_memory_utilization:
@@ -141,7 +153,8 @@ def main():
     if a.part != "all":
         if a.part == "kiln":
             res = kiln_part(a.preset, a.quick, extra, a.quant, a.workloads and a.workloads.split(","), a.scale, deadline,
-                            {k: int(v) for k, v in (kv.split("=") for kv in a.requests.split(","))} if a.requests else None)
+                            {k: int(v) for k, v in (kv.split("=") for kv in a.requests.split(","))} if a.requests else None,
+                            a.tag)
         else:
             res = hf_part(a.preset, a.quick)
             with open(os.path.join(OUT, "bench_e2e_hf.json"), "w") as f:
@@ -173,7 +186,8 @@ def print_table():
                 continue
             r, roof = rep["results"], rep["roofline"]
             h = hf.get(name, {}).get("output_tokens_per_s")
-            print(f"| {res['_quant']} | {name} ({r['requests']} req) | {r['output_tokens_per_s']:,.0f} | {h and f'{h:,.0f}'} | "
+            eng = res.get("_engine", {})
+            print(f"| {res['_quant']} (seqs {eng.get('max_num_seqs', 256)}, tokens {eng.get('max_num_tokens', 2048)}) | {name} ({r['requests']} req) | {r['output_tokens_per_s']:,.0f} | {h and f'{h:,.0f}'} | "
                   f"{r['ttft_ms_p50']:.1f} | {r['tpot_ms_p50'] or 0:.2f} | {r['itl_ms_p50'] or 0:.2f} | "
                   f"{roof['roofline_output_tokens_per_s']:,.0f} |")
 

@@ -4,7 +4,9 @@
 
 One process; each count restored twice (the first pass also warms the page cache), the
 arrays' bytes over the time of the second, and a raw read of the weight files (`cat` into
-/dev/null, 8 files at once) as the page cache's own rate. Writes $OUT/probe_restore.json.
+/dev/null, 8 files at once) as the page cache's own rate. The GPU backend starts before
+any of it (timed apart); `--host` also times orbax's read into host arrays and the
+host-to-device copy separately. Writes $OUT/probe_restore.json.
 """
 
 import argparse
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 OUT = os.environ.get("OUT", ".")
 
@@ -21,15 +24,38 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("engine")
     ap.add_argument("--threads", default="1,2,4,8,16")
+    ap.add_argument("--host", action="store_true", help="first: orbax into host numpy, then device_put, timed apart")
     a = ap.parse_args()
     import jax
 
     from kiln.runtime.engine_dir import read_manifest, restore_weights
 
     manifest = read_manifest(a.engine)
+    import numpy as np
+
+    t = time.perf_counter()
+    jax.device_put(np.zeros(4, np.float32)).block_until_ready()
+    backend_s = time.perf_counter() - t
     t = time.perf_counter()
     subprocess.run(f"find {a.engine}/weights -type f -print0 | xargs -0 -P 8 -n 4 cat > /dev/null", shell=True)
-    res = {"raw_read_s": time.perf_counter() - t}
+    res = {"raw_read_s": time.perf_counter() - t, "backend_init_s": backend_s}
+    if a.host:  # the read alone (orbax into host numpy), then the host-to-device copy alone, twice each
+        import orbax.checkpoint as ocp
+
+        from kiln.runtime.engine_dir import _checkpointer
+
+        names = list(manifest["params"])
+        for rep in range(2):
+            t = time.perf_counter()
+            host = _checkpointer().restore(Path(a.engine) / "weights", args=ocp.args.PyTreeRestore(
+                restore_args={n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}))
+            t_read = time.perf_counter() - t
+            t = time.perf_counter()
+            dev = jax.block_until_ready(jax.device_put([host[n] for n in names]))
+            t_h2d = time.perf_counter() - t
+            res[f"host_read_{rep}_s"], res[f"h2d_{rep}_s"] = t_read, t_h2d
+            print("host", rep, t_read, t_h2d, file=sys.stderr, flush=True)
+            del host, dev
     for n in [int(x) for x in a.threads.split(",")]:
         times = []
         for _ in range(2):

@@ -48,9 +48,8 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
                       tp=bc.tp, pp=bc.pp, max_num_seqs=bc.max_num_seqs, max_num_tokens=bc.max_num_tokens,
                       max_model_len=bc.max_model_len, kv_block_size=bc.kv_block_size,
                       num_kv_blocks=bc.num_kv_blocks, gpu_memory_utilization=bc.gpu_memory_utilization,
-                      attention=bc.attention, log=log)
-        llm.runner.set_compiler_options(bc.compiler_options)
-        bc.compiler_options = llm.runner.compiler_options  # those this XLA accepted
+                      attention=bc.attention, compiler_options=bc.compiler_options, log=log)
+        bc.compiler_options = llm.runner.compiler_options  # those this XLA accepted (None: the default rule's)
         bc.passes = list(llm.passes_run)
         bc.num_kv_blocks = llm.runner.num_blocks
         bc.max_model_len = llm.max_model_len

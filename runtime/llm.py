@@ -16,6 +16,7 @@ graph and its weights, and a sharding plan places them, before the runner takes 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,7 +29,7 @@ from kiln.passes import PipelineOptions, build_passes, run_pipeline
 from kiln.runtime.engine_dir import is_engine_dir
 from kiln.runtime.engine import Engine
 from kiln.runtime.outputs import EngineStats, RequestOutput
-from kiln.runtime.runner import Runner, _log_stderr
+from kiln.runtime.runner import Runner, _log_stderr, default_compiler_options
 from kiln.runtime.sampling_params import SamplingParams
 
 
@@ -73,7 +74,9 @@ class LLM:
     device memory; enable_prefix_caching: reuse the KV blocks of shared prompt prefixes;
     seed: the base of the per-request seeds; attention: the attention implementation
     (see runtime/kernels); overlap: plan step N+1 while step N runs; warmup: compile every
-    token bucket at start-up instead of on first use. quant_method / calibration: how
+    token bucket at start-up instead of on first use; compiler_options: XLA options of the
+    step compiles (default: `runner.default_compiler_options`; an engine keeps its build's).
+    quant_method / calibration: how
     `quantization` rounds the weights (rtn | awq | gptq | awq+gptq; calibration: "default"
     for passes/calibration.txt, a text, or token-id prompts; with calibration, GPTQ by default).
     """
@@ -83,7 +86,7 @@ class LLM:
                  max_num_seqs: int = 64, max_num_tokens: int = 1024, max_model_len: int | None = None,
                  kv_block_size: int = 16, gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, attention: str = "auto",
-                 overlap: bool = True, warmup: bool = False, log=...):
+                 overlap: bool = True, warmup: bool = False, compiler_options: dict | None = None, log=...):
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_tokens", max_num_tokens),
                         ("kv_block_size", kv_block_size), ("tp", tp), ("pp", pp)):
             if not isinstance(v, int) or v < 1:
@@ -125,7 +128,9 @@ class LLM:
                              gpu_memory_utilization=gpu_memory_utilization, attention=attention,
                              step_fn=sharded.raw_step if sharded else None,
                              allocate_kv=sharded.allocate_kv_cache if sharded else None,
-                             kv_shards=tp * pp, activation_bytes=self._activation_bytes(), **kw)
+                             kv_shards=tp * pp, activation_bytes=self._activation_bytes(),
+                             compiler_options=None if is_engine_dir(model) else
+                             default_compiler_options(quantization) if compiler_options is None else compiler_options, **kw)
         if is_engine_dir(model):
             self._finish_engine_load(bc)
         if warmup:
@@ -210,6 +215,10 @@ class LLM:
         # the build's quantized-matmul choices, fixed before any step is traced
         set_tuned_table(autotune.load(path, manifest) if autotune.FILE in manifest.get("files", {}) else None)
         bc = BuildConfig.from_json(manifest["build"])
+        self._restore = None
+        if bc.tp * bc.pp == 1:  # one device: the restore starts first, in a thread (graph, tokenizer and executables meanwhile)
+            self._restore_t0 = time.perf_counter()
+            self._restore = _Background(restore_weights, path, manifest, None)
         self.config = ModelConfig.from_json(manifest["model_config"])
         self.graph = load_graph(Path(path) / "graph.json")
         self.dtype = resolve_dtype(bc.dtype, self.config.dtype)
@@ -221,10 +230,7 @@ class LLM:
 
             self.sharded = shard_model(self.graph, tp=bc.tp, pp=bc.pp, attention=attention)
             shardings = self.sharded.param_shardings if bc.pp == 1 else None
-        self._restore = None
-        if self.sharded is None:  # one device: restore in a thread while the runner fetches its executables
-            self._restore_t0 = time.perf_counter()
-            self._restore = _Background(restore_weights, path, manifest, None)
+        if self._restore is not None:
             self.params = weight_shapes(manifest)
         else:
             self.params = restore_weights(path, manifest, shardings)
@@ -244,11 +250,16 @@ class LLM:
         cache in the background (shapes only), while the weights' restore completes."""
         self.runner.set_compiler_options(bc.compiler_options)
         if self._restore is not None:
-            self.runner.preload(self.runner.build_batches())
+            when = os.environ.get("KILN_PRELOAD", "beside")  # beside | after | off: when the build buckets are fetched
+            if when == "beside":
+                self.runner.preload(self.runner.build_batches())
             self.runner.kv  # noqa: B018  (the pools are allocated while the weights arrive)
             self.params = self.runner.params = self._restore.result()
             self._restore = None
-            self._log(f"weights restored in {time.perf_counter() - self._restore_t0:.1f} s")
+            self._log(f"weights restored in {time.perf_counter() - self._restore_t0:.1f} s "
+                      f"(build buckets fetched by then: {self.runner.preloaded()})")
+            if when == "after":
+                self.runner.preload(self.runner.build_batches())
 
     # -- generation
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

@@ -41,6 +41,16 @@ def _log_stderr(msg: str) -> None:
     print(f"kiln: {msg}", file=sys.stderr, flush=True)
 
 
+def default_compiler_options(quantization: str | None) -> dict:
+    """XLA options a step compiles with unless the user gives others: on the GPU, an
+    unquantized model's GEMMs go to cuBLAS without XLA's Triton GEMM autotuning (H100, Llama-3-8B
+    shape: bucket compiles 7.6 -> 5.0 s, the 16-token step 7.6 -> 6.5 ms; BENCHMARKS.md, issue #6).
+    Quantized models keep XLA's Triton GEMMs: its weight-only matmuls convert in them."""
+    if quantization is None and jax.default_backend() == "gpu":
+        return {"xla_gpu_enable_triton_gemm": False}
+    return {}
+
+
 class Runner:
     def __init__(self, graph: Graph, params: dict, *, dtype: str, block_size: int, max_num_seqs: int,
                  max_num_tokens: int, max_model_len: int, num_kv_blocks: int | None = None,
@@ -253,6 +263,11 @@ class Runner:
             if b.shape_key not in self._executables and b.shape_key not in self._pending:
                 self._pending[b.shape_key] = pool.submit(self._lower_compile, b)
         pool.shutdown(wait=False)
+
+    def preloaded(self) -> str:
+        """'done of fetched' for the executables `preload` fetches (a progress line for logs)."""
+        pending = [f for f in self._pending.values()]
+        return f"{sum(f.done() for f in pending) + len(self._executables)} of {len(pending) + len(self._executables)}"
 
     def build_batches(self) -> list[StepBatch]:
         """The buckets an engine build compiles: every decode bucket (up to max_num_seqs
