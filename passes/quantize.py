@@ -4,7 +4,8 @@
     fp8       f8e4m3 [in, *out]                    f32 [*out]   per channel    f8e4m3, dynamic per token
     int8_wo   i8     [in, *out]                    f32 [*out]   per channel    as they are
     int4_wo   u8     [in / 2, *out] (2 per byte)   f16 scale and min [in / g, *out],  as they are
-                                                   g = 128 (options: int4_group_size)
+                                                   g: int4_group_size, default the 4-bit grid the
+                                                   weight already lies on, else 128 (int4_groups)
 
 Scales carry the logical axes of their weight's output dims (int4's group dim carries the
 weight's input axis), so the sharding rules split them with their weights. Weights under
@@ -72,6 +73,44 @@ def int4_group(n_in: int, group: int | None = None) -> int | None:
     while g >= 2 and n_in % g:
         g //= 2
     return g if g >= 2 else None
+
+
+SOURCE_GROUPS = (128, 64, 32)   # 4-bit block sizes of GGUF (Q4_0, Q4_1, Q4_K: 32), GPTQ / AWQ exports
+_GRID_COLUMNS = 64              # output channels sampled by the check
+
+
+def source_int4_group(w) -> int | None:
+    """The group size g of the 4-bit grid a weight [in, *out] already lies on, if it does: the
+    largest g of SOURCE_GROUPS dividing `in` for which every g-run of input rows holds at most
+    16 distinct values per output channel (a checkpoint stored 4-bit, e.g. GGUF Q4_1, comes out
+    of the loader dequantized, on such a grid). Checked on a sample of output channels; None
+    for a float weight, or one whose values are not at hand (shapes only, under tracing)."""
+    try:
+        w2 = np.asarray(w.reshape(w.shape[0], -1)[:, :_GRID_COLUMNS], np.float32)
+    except Exception:   # an abstract array (jax.eval_shape): no values to look at
+        return None
+    if not np.isfinite(w2).all() or np.ptp(w2) == 0:
+        return None
+    for g in SOURCE_GROUPS:
+        if w2.shape[0] % g == 0:
+            runs = np.sort(w2.reshape(-1, g, w2.shape[1]), axis=1)                 # [in / g, g, cols]
+            distinct = 1 + (np.diff(runs, axis=1) != 0).sum(axis=1)
+            if distinct.max() <= 16:
+                return g
+    return None
+
+
+def int4_groups(graph: Graph, params: dict | None, group: int | None = None, exclude=("lm_head", "router")) -> dict:
+    """The int4 group of every quantizable weight: `group` when given (halved until it divides
+    the input dim); by default the group of the 4-bit grid the weight already lies on (re-rounding
+    a 4-bit checkpoint onto another grid loses what no calibration recovers: SmolLM2's Q4_1 g32
+    weights at g64 cost +20% perplexity, at g32 nothing; BENCHMARKS.md), else INT4_GROUP halved
+    until it divides the input dim (576 inputs: 64)."""
+    out = {}
+    for _, w in _targets(graph, exclude):
+        src = source_int4_group(params[w]) if group is None and params is not None and w in params else None
+        out[w] = src or int4_group(graph.params[w].type.shape[0], group)
+    return out
 
 
 def quantize_int4(w, group: int):
@@ -187,12 +226,12 @@ def weight_mode(mode: str, name: str, keep_int8=()) -> str:
     return "int8_wo" if mode == "int4_wo" and any(k in name for k in keep_int8) else mode
 
 
-def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8, codes: dict):
+def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8, codes: dict, groups: dict):
     def rewrite(rw: Rewriter, m: Match):
         wt = rw.type_of(m.w)
         n_in, out = wt.shape[0], wt.shape[1:]
         wmode = weight_mode(mode, m.w, keep_int8)
-        group = int4_group(n_in, group_size) if wmode == "int4_wo" else None
+        group = (groups.get(m.w) or int4_group(n_in, group_size)) if wmode == "int4_wo" else None
         if wmode == "int4_wo" and group is None:
             return False
         s = smooth.get(m.w)
@@ -229,12 +268,12 @@ def _rewrite(mode: str, smooth: dict, group_size: int | None, keep_int8, codes: 
 
 
 def quantize_rules(mode: str, exclude=("lm_head", "router"), smooth: dict | None = None, group_size: int | None = None,
-                   keep_int8=(), codes: dict | None = None) -> list[Rule]:
+                   keep_int8=(), codes: dict | None = None, groups: dict | None = None) -> list[Rule]:
     return [
         # linear(x, w[in, *out]) -> qlinear(x, w_q, scale[, min]){mode}   (w_q f8e4m3 | i8 | u8-packed int4)
         Rule(f"quantize_{mode}", Pat("linear", Any_("x"), Param_("w", where=_quantizable(exclude)),
                                      Param_("b", optional=True), name="lin"),
-             _rewrite(mode, smooth or {}, group_size, tuple(keep_int8), codes or {})),
+             _rewrite(mode, smooth or {}, group_size, tuple(keep_int8), codes or {}, groups or {})),
     ]
 
 
@@ -263,18 +302,20 @@ def _targets(graph: Graph, exclude):
 
 
 def calibrate(graph: Graph, params: dict, mode: str, calibration, method: str, *, exclude=("lm_head", "router"),
-              group_size: int | None = None, keep_int8=()) -> tuple[dict, dict]:
+              group_size: int | None = None, keep_int8=(), groups: dict | None = None) -> tuple[dict, dict]:
     """(smooth, codes): AWQ's per-input-channel scales and GPTQ's codec parts per weight name,
-    from the calibration prompts (token-id lists)."""
+    from the calibration prompts (token-id lists). `groups`: int4 group per weight (default
+    `int4_groups`)."""
     from kiln.passes import gptq
 
     targets = _targets(graph, exclude)
+    groups = int4_groups(graph, params, group_size, exclude) if groups is None else groups
     smooth, codes = {}, {}
     if "awq" in method and mode != "fp8":
         acts = collect_activations(graph, params, calibration, sorted({x for x, _ in targets}))
         for x, w in targets:
             wmode = weight_mode(mode, w, keep_int8)
-            group = int4_group(graph.params[w].type.shape[0], group_size) if wmode == "int4_wo" else None
+            group = groups[w] if wmode == "int4_wo" else None
             if wmode == "int8_wo" or group:
                 s = awq_search(wmode, np.asarray(params[w], np.float32), acts[x], group)
                 if s is not None:
@@ -283,7 +324,7 @@ def calibrate(graph: Graph, params: dict, mode: str, calibration, method: str, *
         moments = gptq.input_moments(graph, params, calibration, sorted({x for x, _ in targets}))
         for x, w in targets:
             wmode = weight_mode(mode, w, keep_int8)
-            group = int4_group(graph.params[w].type.shape[0], group_size) if wmode == "int4_wo" else None
+            group = groups[w] if wmode == "int4_wo" else None
             if wmode == "int4_wo" and group is None:
                 continue
             wf, h = np.asarray(params[w], np.float32), moments[x]
@@ -310,10 +351,11 @@ def quantize_graph(graph: Graph, params: dict | None, mode: str, *, exclude=("lm
     if method != "rtn" and not calibration:
         raise ConfigError(f"quantization method {method} needs calibration prompts; pass calibration= (token-id lists)")
     smooth, codes = {}, {}
+    groups = int4_groups(graph, params, group_size, exclude) if mode == "int4_wo" else {}
     if method != "rtn" and params is not None:
         smooth, codes = calibrate(graph, params, mode, calibration, method, exclude=exclude, group_size=group_size,
-                                  keep_int8=keep_int8)
-    return apply_rules(graph, quantize_rules(mode, exclude, smooth, group_size, keep_int8, codes), max_sweeps=1)
+                                  keep_int8=keep_int8, groups=groups)
+    return apply_rules(graph, quantize_rules(mode, exclude, smooth, group_size, keep_int8, codes, groups), max_sweeps=1)
 
 
 def quantize_pass(mode: str):

@@ -198,3 +198,40 @@ def test_fp8_kv_cache(fused):
     assert entry["k"].dtype == jnp.float8_e4m3fn and entry["v_scale"].shape == ()
     got = run_workload(g8, p8)
     assert 0 < rel_err(got, ref) < 0.1
+
+
+@pytest.mark.parametrize("group", (32, 64, 128))
+def test_source_int4_group_finds_the_grid(group):
+    """A weight that came out of a 4-bit checkpoint (dequantized: at most 16 values per group
+    and output channel) is recognised with its group; a float weight, a constant one or one
+    without values at hand (shapes only) is not."""
+    rng = np.random.default_rng(group)
+    w = rng.standard_t(5, size=(768, 3, 40)).astype(np.float32) * 0.02
+    on_grid = qz.dequantize("int4_wo", *qz.quantize_int4(w, group), group=group)
+    assert qz.source_int4_group(on_grid) == group
+    assert qz.source_int4_group(on_grid[:576]) == min(group, 64)   # 128 does not divide 576: its 64-runs
+    assert qz.source_int4_group(w) is None
+    assert qz.source_int4_group(np.zeros_like(w)) is None
+    seen = []
+    jax.eval_shape(lambda a: seen.append(qz.source_int4_group(a)) or a, on_grid)
+    assert seen == [None]
+
+
+def test_int4_default_group_follows_the_source_grid(fused):
+    """int4_wo's default group: the 4-bit grid the weights already lie on (re-rounding onto
+    another grid is the loss; rounding onto theirs is exact), else 128 halved until it divides
+    the input dim; an explicit int4_group_size wins."""
+    arch, g, p, ref = fused
+    shape_rule = {w: qz.int4_group(g.params[w].type.shape[0]) for w in qz.int4_groups(g, None)}
+    assert qz.int4_groups(g, p) == shape_rule and set(shape_rule.values()) == {64, 128}   # in: 64 and 128
+    src = {k: (qz.dequantize("int4_wo", *qz.quantize_int4(v, 32), group=32) if k in shape_rule else v)
+           for k, v in p.items()}
+    gq, pq = compile_model(g, src, quantization="int4_wo")
+    nodes = [n for n in gq.nodes if n.op == "qlinear"]
+    assert nodes and {n.attrs["group_size"] for n in nodes} == {32}
+    for n in nodes:
+        np.testing.assert_allclose(qz.dequantize("int4_wo", *[pq[i] for i in n.inputs[1:4]], group=32),
+                                   src[n.inputs[1]], rtol=1e-3, atol=1e-6, err_msg=n.name)
+    assert set(qz.int4_groups(g, src, group=64).values()) == {64}
+    gs, _ = compile_model(g, None, quantization="int4_wo")   # no weights: the shape rule
+    assert {n.attrs["group_size"] for n in gs.nodes if n.op == "qlinear"} == {64, 128}
