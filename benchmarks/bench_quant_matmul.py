@@ -32,9 +32,11 @@ from bench_fp8 import bench  # the same median-of-20 timer (benchmarks/ is on sy
 
 E, MLP = 4096, 14336
 SHAPES = {"qkv": (E, 6144), "o": (E, E), "gate_up": (E, 2 * MLP), "down": (MLP, E)}
-MODES = {"int8_wo": ("int8_wo", None), "fp8": ("fp8", None), "int4_wo": ("int4_wo", 128)}
-# fp8 weights as the fp8 pipeline stores them (passes/fp8_act.py): out-major [N, K]
-NK = {"fp8"}
+MODES = {"int8_wo": ("int8_wo", None), "fp8": ("fp8", None), "int4_wo": ("int4_wo", 128),
+         "int8_nk": ("int8_wo", None), "fp8_w8a8": ("fp8", None)}
+# fp8 weights as the fp8 pipeline stores them (passes/fp8_act.py): out-major [N, K]; int8_nk
+# the same layout for int8; fp8_w8a8 the FP8 GEMM (cuBLASLt) with a per-token activation scale
+NK = {"fp8", "int8_nk", "fp8_w8a8"}
 # Tile variants timed on the whole stack, per (weight kind, M); {} = choose_config's default
 # (run 3: the defaults are run 2's best). A per-shape microbenchmark in the first run was
 # dominated by launch gaps (BENCHMARKS.md).
@@ -71,6 +73,11 @@ def matmul(mode, x, w, impl="xla", config=None):
     if mode == "bf16":
         return x @ w[0]
     m, g = MODES[mode]
+    if mode == "fp8_w8a8":
+        from kiln.passes.fp8_act import fp8_linear
+
+        return fp8_linear(x, *w, in_features=x.shape[-1], bias=False, w_layout="nk", out_dtype=None,
+                          w8a8_min_tokens=1)
     if impl == "pallas" and jax.default_backend() != "gpu":
         impl = "interpret"  # CPU smoke test
     return qm.quant_matmul(x, *w, mode=m, group_size=g, impl=impl, config=config,
@@ -162,13 +169,197 @@ def run_stack(out, n_layers, bw, deadline, path, modes=("bf16", "int8_wo", "fp8"
     return best
 
 
+# The decode sweep (`--parts sweep`), in priority order: fp8 [N, K] at M = 16 (a batch-1 decode
+# step pads to 16 tokens), then M = 1, the per-projection split, M = 64, int8 and int4. Each
+# entry: (mode, M, [kernel variants]); XLA's path (and bf16's) is timed first for every (mode, M).
+G1 = dict(gemv=True, defer_sum=True, splits=1)
+TC1 = dict(gemv=False, splits=1, num_warps=4)
+SWEEP = [
+    ("fp8", 16, [{}, dict(TC1, block_n=16, block_k=256, num_stages=4), dict(TC1, block_n=32, block_k=256, num_stages=4),
+                 dict(TC1, block_n=32, block_k=512, num_stages=3), dict(TC1, block_n=64, block_k=256, num_stages=4),
+                 dict(TC1, block_n=16, block_k=512, num_stages=3), dict(TC1, block_n=64, block_k=128, num_stages=6),
+                 dict(TC1, block_n=32, block_k=256, num_stages=4, splits=None),
+                 dict(TC1, block_n=32, block_k=256, num_stages=5, num_warps=2),
+                 dict(TC1, block_n=16, block_k=256, num_stages=6, num_warps=2)]),
+    ("fp8_w8a8", 16, []),
+    ("fp8", 1, [{}, dict(G1, block_n=16, block_k=512, num_warps=4, num_stages=3),
+                dict(G1, block_n=16, block_k=256, num_warps=4, num_stages=4),
+                dict(G1, block_n=8, block_k=512, num_warps=4, num_stages=4),
+                dict(G1, block_n=32, block_k=256, num_warps=4, num_stages=4),
+                dict(G1, block_n=16, block_k=512, num_warps=8, num_stages=3),
+                dict(G1, block_n=16, block_k=512, num_warps=4, num_stages=3, defer_sum=False),
+                dict(G1, block_n=32, block_k=512, num_warps=8, num_stages=4),
+                dict(G1, block_n=16, block_k=1024, num_warps=4, num_stages=2),
+                dict(TC1, block_n=16, block_k=256, num_stages=4)]),
+    ("fp8_w8a8", 1, []),
+    ("fp8", 64, [{}, dict(TC1, block_n=32, block_k=256, num_stages=4), dict(TC1, block_n=64, block_k=256, num_stages=4),
+                 dict(TC1, block_n=64, block_k=128, num_stages=4, splits=None)]),
+    ("fp8_w8a8", 64, []),
+    ("int8_nk", 1, [dict(G1, block_n=16, block_k=512, num_warps=4, num_stages=3),
+                    dict(G1, block_n=32, block_k=256, num_warps=4, num_stages=4)]),
+    ("int8_nk", 16, [dict(TC1, block_n=32, block_k=256, num_stages=4), dict(TC1, block_n=16, block_k=256, num_stages=4)]),
+    ("int8_wo", 1, [{}]), ("int8_wo", 16, [{}]),
+    ("int4_wo", 1, [{}, dict(block_n=256, block_k=256, num_warps=8, num_stages=4, splits=None),
+                    dict(block_n=64, block_k=256, num_warps=4, num_stages=4, splits=1),
+                    dict(block_n=64, block_k=128, num_warps=4, num_stages=5)]),
+    ("int4_wo", 16, [{}, dict(block_n=32, block_k=256, num_warps=4, num_stages=4, splits=1, gemv=False)]),
+]
+
+# Run 2 of the sweep (`--sweep 2`): the tensor-core form at M = 16 around run 1's best (block_n 32,
+# block_k 256, split-K 4: 4.16 ms against XLA's 3.70), with f16 dots; M = 1 around its best.
+TCS = dict(gemv=False, splits=None, num_warps=4)
+SWEEP2 = [
+    ("fp8", 16, [dict(TCS, block_n=32, block_k=256, num_stages=4), dict(TCS, block_n=32, block_k=256, num_stages=4,
+                                                                         f16_dot=True),
+                 dict(TCS, block_n=32, block_k=256, num_stages=4, splits=1, f16_dot=True),
+                 dict(TCS, block_n=64, block_k=128, num_stages=4, f16_dot=True),
+                 dict(TCS, block_n=32, block_k=128, num_stages=6, f16_dot=True),
+                 dict(TCS, block_n=32, block_k=256, num_stages=3, splits=2, f16_dot=True),
+                 dict(TCS, block_n=32, block_k=512, num_stages=3, f16_dot=True)]),
+    ("fp8", 1, [dict(G1, block_n=16, block_k=1024, num_warps=4, num_stages=2),
+                dict(G1, block_n=16, block_k=1024, num_warps=4, num_stages=3),
+                dict(G1, block_n=8, block_k=1024, num_warps=4, num_stages=3),
+                dict(G1, block_n=16, block_k=2048, num_warps=8, num_stages=2),
+                dict(G1, block_n=32, block_k=1024, num_warps=8, num_stages=2)]),
+]
+SWEEPS = {"1": SWEEP, "2": SWEEP2}
+
+
+def _time_stack(mode, layers, x, impl, over, shapes, wbytes, bw, n_params, tag=""):
+    configs = None
+    m = x.shape[0]
+    if impl == "pallas":
+        m_, g = MODES[mode]
+        configs = {name: qm.choose_config(m, *SHAPES[name], m_, g, w_layout="nk" if mode in NK else "kn", **over)
+                   for name in shapes}
+        if any(c is None for c in configs.values()):
+            print("sweep untileable", mode, m, over, flush=True)
+            return None
+
+    def one(ls, x):  # one projection per layer; its input zero-padded to K, its output cut to E
+        for lw in ls:
+            for name in shapes:
+                xk = jnp.pad(x, ((0, 0), (0, max(0, SHAPES[name][0] - E))))
+                x = x + matmul(mode, xk, lw[name], impl, configs and configs[name])[:, :E]
+        return x
+
+    if shapes == tuple(SHAPES):
+        fn = jax.jit(lambda ls, x: stack(mode, ls, x, impl, configs))
+    else:
+        fn = jax.jit(one)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(layers, x))
+    first = time.perf_counter() - t0
+    t = bench(fn, layers, x, iters=10)
+    row = {"mode": mode, "impl": impl, "M": m, "shapes": tag or "all", "variant": over, "ms": t * 1e3,
+           "weight_GB": wbytes / 1e9, "TBps": wbytes / t / 1e12, "roofline_ms": wbytes / bw * 1e3,
+           "TFLOPs": 2 * m * n_params / t / 1e12, "first_call_s": first}
+    if configs:
+        row["configs"] = {k: dataclasses.asdict(c) for k, c in configs.items()}
+    print("sweep", json.dumps({k: v for k, v in row.items() if k != "configs"}), flush=True)
+    return row
+
+
+def _try(out, path, *args):
+    """_time_stack(*args) appended to out["sweep"] and saved; None when it fails or does not tile."""
+    try:
+        row = _time_stack(*args)
+    except Exception as e:
+        print("sweep fail", *args[:1], *args[3:5], args[2].shape[0], repr(e)[:300], flush=True)
+        return None
+    if row:
+        out["sweep"].append(row)
+        json.dump(out, open(path, "w"), indent=1)
+    return row
+
+
+def run_sweep(out, n_layers, bw, deadline, path, sweep=SWEEP):
+    """SWEEP in order on the whole stack, then each projection alone (32 of it in one jit:
+    per-kernel rates, so the small shapes' fixed costs show) for bf16, fp8 XLA and the best
+    fp8 kernel at M = 16."""
+    out.setdefault("sweep", [])
+    by_mode: dict[str, list] = {}
+    for mode, m, variants in sweep:
+        by_mode.setdefault(mode, []).append((m, variants))
+    order = ["bf16"] + list(dict.fromkeys(mode for mode, _, _ in sweep))
+    best: dict = {}
+    for mode in order:
+        if time.time() > deadline:
+            print("sweep skipped (deadline)", mode, flush=True)
+            continue
+        key = jax.random.PRNGKey(0)
+        wmode = "fp8" if mode == "fp8_w8a8" else mode
+        layers = [{name: make_w(jax.random.fold_in(key, 4 * l + i), s, wmode)
+                   for i, (name, s) in enumerate(SHAPES.items())} for l in range(n_layers)]
+        plan = [(m, []) for m in sorted({m for _, m, _ in sweep})] if mode == "bf16" else by_mode[mode]
+        n_params = sum(k * n for k, n in SHAPES.values()) * n_layers
+        for m, variants in plan:
+            x = jax.random.normal(jax.random.PRNGKey(m), (m, E), jnp.float32).astype(jnp.bfloat16)
+            wbytes = sum(nbytes(lw[n]) for lw in layers for n in SHAPES)
+            for impl, over in [("xla", None)] + [("pallas", v) for v in variants]:
+                if time.time() > deadline:
+                    continue
+                row = _try(out, path, mode, layers, x, impl, over, tuple(SHAPES), wbytes, bw, n_params)
+                if row:
+                    k_ = (mode, impl, m)
+                    if k_ not in best or row["ms"] < best[k_]["ms"]:
+                        best[k_] = row
+        if mode in ("bf16", "fp8") and sweep is SWEEP:  # per projection, M = 16
+            x = jax.random.normal(jax.random.PRNGKey(16), (16, E), jnp.float32).astype(jnp.bfloat16)
+            runs = [("xla", None)]
+            if mode == "fp8" and ("fp8", "pallas", 16) in best:
+                runs.append(("pallas", best[("fp8", "pallas", 16)]["variant"]))
+            for name in SHAPES:
+                wbytes = sum(nbytes(lw[name]) for lw in layers)
+                k, n = SHAPES[name]
+                for impl, over in runs:
+                    if time.time() > deadline:
+                        continue
+                    _try(out, path, mode, layers, x, impl, over, (name,), wbytes, bw, k * n * n_layers, name)
+        del layers
+    return best
+
+
+def run_profile(out, n_layers, variants):
+    """Device kernels of one stack call at M = 16 (jax.profiler trace, 3 calls): the time in
+    kernels against the span, per kernel, for bf16, fp8 through XLA and the given kernel variants."""
+    import tempfile
+
+    from probe_step_profile import trace_summary
+
+    res = out.setdefault("profile", {})
+    for mode, impl, over in [("bf16", "xla", None), ("fp8", "xla", None)] + [("fp8", "pallas", v) for v in variants]:
+        layers = [{name: make_w(jax.random.fold_in(jax.random.PRNGKey(0), 4 * l + i), s, mode)
+                   for i, (name, s) in enumerate(SHAPES.items())} for l in range(n_layers)]
+        x = jax.random.normal(jax.random.PRNGKey(16), (16, E), jnp.float32).astype(jnp.bfloat16)
+        configs = None if impl == "xla" else {
+            name: qm.choose_config(16, k, n, "fp8", None, w_layout="nk", **over) for name, (k, n) in SHAPES.items()}
+        fn = jax.jit(lambda ls, x: stack(mode, ls, x, impl, configs))
+        jax.block_until_ready(fn(layers, x))
+        d = tempfile.mkdtemp()
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        for _ in range(3):
+            y = fn(layers, x)
+        jax.block_until_ready(y)
+        jax.profiler.stop_trace()
+        summ = trace_summary(d, {}, 3, top=12)
+        label = f"{mode}/{impl}/{over}"
+        res[label] = summ
+        print(f"profile {label}: kernels {summ.get('kernel_us_per_step', 0):.0f} us per call, span "
+              f"{summ.get('span_us_per_step', 0):.0f} us", flush=True)
+        for k in summ.get("top_kernels", [])[:8]:
+            print("    ", str(k)[:160], flush=True)
+        del layers
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--deadline", type=float, default=520.0, help="seconds after start: later stack runs are skipped")
     ap.add_argument("--shrink", type=int, default=1, help="divide the model dims (CPU smoke test)")
-    ap.add_argument("--parts", default="check,stack")
+    ap.add_argument("--parts", default="check,stack", help="check, stack, sweep, profile")
+    ap.add_argument("--sweep", default="1", help="which SWEEPS list")
     ap.add_argument("--modes", default="bf16,int8_wo,fp8,int4_wo")
     ap.add_argument("--ms", default="1,16,64,256")
     args = ap.parse_args()
@@ -187,6 +378,21 @@ def main():
     if "check" in parts:
         check(out)
         json.dump(out, open(path, "w"), indent=1)
+    if "profile" in parts:
+        run_profile(out, args.layers, [dict(TCS, block_n=32, block_k=256, num_stages=4),
+                                       dict(G1, block_n=16, block_k=1024, num_warps=4, num_stages=2)])
+        json.dump(out, open(path, "w"), indent=1)
+    if "sweep" in parts:
+        best = run_sweep(out, args.layers, bw, deadline, path, SWEEPS[args.sweep])
+        bf16 = {m: r["ms"] for (mode, _, m), r in best.items() if mode == "bf16"}
+        print(f"\ncopy {bw / 1e12:.2f} TB/s; best per (mode, impl, M): ms (TB/s of weight bytes, x bf16) variant")
+        for (mode, impl, m), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+            print(f"{mode:8} {impl:6} M={m:<4} {r['ms']:6.2f} ({r['TBps']:.2f}, {bf16.get(m, 0) / r['ms']:.2f}x) "
+                  f"{r['variant']}")
+        for r in out["sweep"]:
+            if r["shapes"] != "all":
+                print(f"  {r['mode']:5} {r['impl']:6} {r['shapes']:8} x{args.layers} M=16 {r['ms']:6.3f} ms "
+                      f"({r['TBps']:.2f} TB/s)")
     if "stack" not in parts:
         return
     best = run_stack(out, args.layers, bw, deadline, path, args.modes.split(","), [int(m) for m in args.ms.split(",")])

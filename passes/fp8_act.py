@@ -94,10 +94,13 @@ register_op("swiglu_fp8", lambda a, gu: _fp8_type(REGISTRY["swiglu"].shape(a, gu
 # --------------------------------------------------------------------------- the matmul
 
 
-def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str, out_dtype, w8a8_min_tokens):
+def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str, out_dtype, w8a8_min_tokens,
+               impl: str = "auto"):
     """qlinear{fp8} for an out-major weight [*out, in] or a quantized activation. `x` is a
     QAct (W8A8: one FP8 GEMM, both operands K-major, then the token and channel scales) or a
-    plain activation (W8A16 below the W8A8 token count; quantized here at or above it)."""
+    plain activation (W8A16 below the W8A8 token count, through `quant_matmul`: XLA's
+    convert-in-dot or the dequantizing kernel, chosen per token bucket by `impl` ("auto":
+    the engine's autotune table, then the static rule); quantized here at or above it)."""
     n_out = math.prod(scale.shape)
     out = scale.shape
     dtype = jnp.dtype(out_dtype) if out_dtype else x.dtype
@@ -114,9 +117,11 @@ def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str
         y = jax.lax.dot_general(xq.astype(dtype), w2.astype(dtype), dims)
         y = (y.astype(jnp.float32) * sa * scale.reshape(1, n_out).astype(jnp.float32)).astype(dtype)
     else:
+        from kiln.runtime.kernels.quant_matmul import quant_matmul
+
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, in_features)
-        y = (x2 @ (w2.astype(x.dtype).T if nk else w2.astype(x.dtype))) * scale.reshape(1, n_out).astype(x.dtype)
+        y = quant_matmul(x.reshape(-1, in_features), w2, scale.reshape(n_out), mode="fp8", impl=impl,
+                         w_layout=w_layout)
     y = y.reshape(lead + out)
     if bias:
         y = y + extras[0].astype(y.dtype)

@@ -196,11 +196,14 @@ FP8_W8A8_MIN_TOKENS = 256
 
 def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None, bias=False, smooth=False,
                    w8a8_min_tokens=None, w_layout="kn", out_dtype=None):
+    # weight-only matmuls: XLA's convert-in-dot or the fused dequantizing kernel
+    # (runtime/kernels/quant_matmul.py; not under tensor parallelism)
+    qimpl = "xla" if getattr(ctx, "shard", None) is not None else "auto"
     if mode == "fp8" and (w_layout == "nk" or out_dtype is not None):  # passes/fp8_act.py's forms
         from kiln.passes.fp8_act import fp8_linear
 
         return fp8_linear(x, w, scale, *extras, in_features=in_features, bias=bias, w_layout=w_layout,
-                          out_dtype=out_dtype, w8a8_min_tokens=w8a8_min_tokens)
+                          out_dtype=out_dtype, w8a8_min_tokens=w8a8_min_tokens, impl=qimpl)
     if mode == "int4_wo":
         minimum, extras = extras[0], extras[1:]
     if smooth:
@@ -210,9 +213,6 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     min_tokens = FP8_W8A8_MIN_TOKENS if w8a8_min_tokens is None else w8a8_min_tokens
-    # weight-only (int8, int4, fp8 below min_tokens): XLA's convert-in-dot or the fused
-    # dequantizing kernel (runtime/kernels/quant_matmul.py; not under tensor parallelism)
-    qimpl = "xla" if getattr(ctx, "shard", None) is not None else "auto"
     if mode != "fp8" or x2.shape[0] < min_tokens:
         y = quant_matmul(x2, w.reshape(-1, n_out), scale.reshape(-1, n_out),
                          minimum.reshape(-1, n_out) if mode == "int4_wo" else None,

@@ -40,11 +40,11 @@ class MatmulShape:
 
 def qlinear_shapes(graph) -> list[MatmulShape]:
     """The distinct weight-only shapes of the graph's qlinear nodes that reach `quant_matmul`
-    (fp8's out-major / quantized-activation forms run elsewhere)."""
+    (fp8 [K, N] or out-major [N, K], below its W8A8 token count)."""
     out = []
     for node in graph.nodes:
         a = node.attrs
-        if node.op != "qlinear" or (a["mode"] == "fp8" and (a.get("w_layout", "kn") == "nk" or a.get("out_dtype"))):
+        if node.op != "qlinear":
             continue
         w = graph.type_of(node.inputs[1])
         max_m = MAX_M
@@ -53,7 +53,8 @@ def qlinear_shapes(graph) -> list[MatmulShape]:
 
             t = a.get("w8a8_min_tokens")
             max_m = min(MAX_M, (FP8_W8A8_MIN_TOKENS if t is None else t) - 1)
-        s = MatmulShape(a["mode"], int(a["in_features"]), math.prod(int(d) for d in w.shape[1:]),
+        nk = a.get("w_layout", "kn") == "nk"
+        s = MatmulShape(a["mode"], int(a["in_features"]), math.prod(int(d) for d in (w.shape[:-1] if nk else w.shape[1:])),
                         a.get("group_size") if a["mode"] == "int4_wo" else None, a.get("w_layout", "kn"), max_m)
         if s not in out:
             out.append(s)

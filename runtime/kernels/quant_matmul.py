@@ -88,6 +88,9 @@ class QMatmulConfig:
     gemv: bool = False        # no tensor cores: multiply-and-sum per row (block_m <= 4 rows)
     post_scale: bool = False  # int4: dot the raw codes, apply scale and min to each group's product
     magic: bool = False       # int8/int4 codes to fp32 by integer ops (2^23 trick), not the I2F unit
+    defer_sum: bool = False   # gemv (8-bit): keep a [bn, bk] fp32 partial per row, reduce over K once at the end
+    f16_dot: bool = False     # tensor-core form (8-bit): weights and activations to f16 for the dot (fp8 -> f16
+                              # is one conversion instruction; bf16 needs more), fp32 accumulation as before
 
 
 def _pow2(n: int) -> int:
@@ -133,7 +136,8 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
     o = {**TUNED.get((kind + "_" + w_layout, b), TUNED.get((kind, b), TUNED[(kind, 16)])), **override}
     gemv = o.get("gemv", False) and m <= 4
     bm = _pow2(m) if gemv else o.get("block_m") or min(max(16, _pow2(m)), 64 if m <= 64 else 128)
-    bn = _fit(o["block_n"], n, 16)
+    # the multiply-and-sum form has no tensor-core minimum: [N, K] rows as narrow as 8 channels
+    bn = _fit(o["block_n"], n, 8 if gemv and w_layout == "nk" and kind == "8bit" else 16)
     floor = max(group_size or 16, 16) if kind == "int4" else 16
     bk = _fit(max(o["block_k"], floor), k, floor)
     if bn is None or bk is None or (kind == "int4" and (k % group_size or bk % group_size or group_size < 32)):
@@ -148,7 +152,9 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
     if steps % splits:
         return None
     return QMatmulConfig(bm, bn, bk, splits, o["num_warps"], o["num_stages"], gemv,
-                         o.get("post_scale", False) and kind == "int4", o.get("magic", False) and mode != "fp8")
+                         o.get("post_scale", False) and kind == "int4", o.get("magic", False) and mode != "fp8",
+                         defer_sum=o.get("defer_sum", False) and gemv and kind == "8bit",
+                         f16_dot=o.get("f16_dot", False) and not gemv and kind == "8bit")
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -182,7 +188,8 @@ def _to_f32(w, magic: bool):
     return _codes_f32(w, magic, 128) if w.dtype == jnp.int8 else w.astype(jnp.float32)
 
 
-def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool, magic: bool):
+def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool, magic: bool,
+                 f16_dot: bool = False):
     from jax.experimental import pallas as pl
 
     split = pl.program_id(2)
@@ -193,6 +200,8 @@ def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact:
         x = x_ref[:, pl.ds(k0, block_k)]                                   # [bm, bk]
         w = w_ref[:, pl.ds(k0, block_k)] if nk else w_ref[pl.ds(k0, block_k), :]
         w = _to_f32(w, magic) if magic else w
+        if f16_dot and not exact:
+            x = x.astype(jnp.float16)
         return acc + _dot(x, w.astype(x.dtype), exact, nk)                 # [bk, bn] / [bn, bk] in registers
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
@@ -200,12 +209,28 @@ def _kernel_8bit(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact:
 
 
 def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, exact: bool, nk: bool,
-                      magic: bool):
-    """block_m (<= 4) rows, each a multiply-and-sum over the weight tile on the CUDA cores."""
+                      magic: bool, defer_sum: bool = False):
+    """block_m (<= 4) rows, each a multiply-and-sum over the weight tile on the CUDA cores.
+    `defer_sum`: the products accumulate elementwise in a weight-tile-shaped fp32 partial per
+    row, summed over K once after the loop (no cross-thread reduction inside the loop)."""
     from jax.experimental import pallas as pl
 
     split = pl.program_id(2)
     bm, bn = o_ref.shape[-2:]
+    if defer_sum:
+        tile = (bn, block_k) if nk else (block_k, bn)
+
+        def body2(i, accs):
+            k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
+            w = _to_f32(w_ref[:, pl.ds(k0, block_k)] if nk else w_ref[pl.ds(k0, block_k), :], magic)
+            xs = [x_ref[r, pl.ds(k0, block_k)].astype(jnp.float32) for r in range(bm)]
+            return tuple(a + (x[None, :] if nk else x[:, None]) * w for a, x in zip(accs, xs))
+
+        accs = lax.fori_loop(0, steps, body2, tuple(jnp.zeros(tile, jnp.float32) for _ in range(bm)))
+        s = s_ref[0, :].astype(jnp.float32)
+        for r, a in enumerate(accs):
+            o_ref[r, :] = (jnp.sum(a, axis=1 if nk else 0) * s).astype(o_ref.dtype)
+        return
 
     def body(i, accs):
         k0 = pl.multiple_of((split * steps + i) * block_k, block_k)
@@ -309,8 +334,9 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j)),
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j))]
     else:
-        kernel = functools.partial(_kernel_8bit_gemv if cfg.gemv else _kernel_8bit, block_k=bk, steps=steps,
-                                   exact=exact, nk=nk, magic=cfg.magic)
+        kernel = (functools.partial(_kernel_8bit_gemv, defer_sum=cfg.defer_sum) if cfg.gemv
+                  else functools.partial(_kernel_8bit, f16_dot=cfg.f16_dot))
+        kernel = functools.partial(kernel, block_k=bk, steps=steps, exact=exact, nk=nk, magic=cfg.magic)
         args = (xp, w, scale.reshape(1, n))
         in_specs = [pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)),
                     pl.BlockSpec((bn, k), lambda i, j, s: (j, 0)) if nk
@@ -326,7 +352,8 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
         kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape, interpret=interpret,
         compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
         name=(f"kiln_qmatmul_{mode}{'_nk' * nk}_m{bm}_n{bn}_k{bk}_s{sp}"
-              f"{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}{'_magic' * cfg.magic}"),
+              f"{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}{'_magic' * cfg.magic}{'_defer' * cfg.defer_sum}"
+              f"{'_f16' * cfg.f16_dot}"),
     )(*args)
     if sp > 1:
         out = out.sum(axis=0).astype(x.dtype)
@@ -354,12 +381,13 @@ def tuned_choice(m: int, k: int, n: int, mode: str, group_size: int | None, w_la
     return _TUNED_TABLE.get((mode, k, n, group_size, w_layout, m, jnp.dtype(dtype).name))
 
 
-def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int | None, dtype) -> str:
+def resolve_impl(impl: str, m: int, k: int, n: int, mode: str, group_size: int | None, dtype,
+                 w_layout: str = "kn") -> str:
     """The implementation that runs: "auto" (or `KILN_QMATMUL`) is the kernel on a GPU for
     16-bit activations with M <= AUTO_MAX_M[mode] where the shape tiles, XLA elsewhere; an explicit
     "pallas"/"interpret" is checked, never changed."""
     impl = requested_impl(impl, IMPLS, "KILN_QMATMUL", "quantized matmul")
-    tiles = choose_config(m, k, n, mode, group_size) is not None
+    tiles = choose_config(m, k, n, mode, group_size, w_layout=w_layout) is not None
     if impl == "auto":
         ok = (jax.default_backend() == "gpu" and m <= AUTO_MAX_M[mode] and tiles
               and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
@@ -382,7 +410,7 @@ def quant_matmul(x, w, scale, minimum=None, *, mode: str, group_size: int | None
     tuned = None if explicit or config is not None else tuned_choice(m, k, n, mode, group_size, w_layout, x.dtype)
     if tuned is not None and (tuned[0] != "pallas" or jax.default_backend() == "gpu"):
         impl, config = tuned
-    impl = resolve_impl(impl, m, k, n, mode, group_size, x.dtype)
+    impl = resolve_impl(impl, m, k, n, mode, group_size, x.dtype, w_layout)
     if impl == "xla":
         return quant_matmul_reference(x, w, scale, minimum, mode=mode, group_size=group_size, w_layout=w_layout)
     return quant_matmul_pallas(x, w, scale, minimum, mode=mode, group_size=group_size, config=config,

@@ -33,22 +33,28 @@ def _rel(y, ref):
 @given(mode=st.sampled_from(qm.MODES), m=st.sampled_from((1, 3, 17, 130)), k=st.sampled_from((128, 256)),
        n=st.sampled_from((16, 48, 64)), group=st.sampled_from((32, 64, 128)), splits=st.sampled_from((1, 2)),
        variant=st.sampled_from(({}, {"gemv": True}, {"post_scale": True}, {"magic": True},
-                                {"gemv": True, "magic": True})),
-       seed=st.integers(0, 2 ** 16))
-def test_kernel_equals_reference(mode, m, k, n, group, splits, variant, seed):
-    """Every kernel form (tensor-core dot; multiply-and-sum rows for M <= 4; int4 codes dotted
-    with the scale and min applied after; integer-op code conversion) on odd M, several
-    tiles and split-K."""
+                                {"gemv": True, "magic": True}, {"gemv": True, "defer_sum": True, "block_n": 8})),
+       nk=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_kernel_equals_reference(mode, m, k, n, group, splits, variant, nk, seed):
+    """Every kernel form (tensor-core dot; multiply-and-sum rows for M <= 4, summed per step
+    or once at the end; int4 codes dotted with the scale and min applied after; integer-op
+    code conversion) on odd M, several tiles, split-K, [K, N] and (8-bit) [N, K] weights."""
     group = group if mode == "int4_wo" else None
+    nk = nk and mode != "int4_wo"
     x, parts, ref = _case(np.random.default_rng(seed), mode, m, k, n, group)
+    if nk:
+        parts[0] = parts[0].T
     bk = max(group or 0, 64)
-    cfg = qm.choose_config(m, k, n, mode, group, block_k=bk, splits=min(splits, k // bk), **variant)
+    layout = "nk" if nk else "kn"
+    if not nk:  # [K, N] tiles keep 16-channel rows
+        variant = {k_: v for k_, v in variant.items() if k_ != "block_n"}
+    cfg = qm.choose_config(m, k, n, mode, group, block_k=bk, splits=min(splits, k // bk), w_layout=layout, **variant)
     assert cfg is not None and (cfg.block_m >= 16 or cfg.gemv and cfg.block_m >= m)
-    y = qm.quant_matmul_pallas(x, *parts, mode=mode, group_size=group, config=cfg, interpret=True)
+    y = qm.quant_matmul_pallas(x, *parts, mode=mode, group_size=group, config=cfg, interpret=True, w_layout=layout)
     assert y.shape == (m, n) and y.dtype == x.dtype
     # fp32 activations: exact up to fp32 rounding (the dequantized weights are exact in fp32)
     assert _rel(y, ref) < 1e-5
-    assert _rel(qm.quant_matmul_reference(x, *parts, mode=mode, group_size=group), ref) < 1e-5
+    assert _rel(qm.quant_matmul_reference(x, *parts, mode=mode, group_size=group, w_layout=layout), ref) < 1e-5
 
 
 @pytest.mark.parametrize("mode,group", [("int8_wo", None), ("fp8", None), ("int4_wo", 32)])
@@ -104,8 +110,10 @@ def _greedy(graph, params, prompt, n):
     return toks
 
 
-@pytest.mark.parametrize("mode", ["int4_wo", "int8_wo"])
+@pytest.mark.parametrize("mode", ["int4_wo", "int8_wo", "fp8"])
 def test_quantized_model_greedy_kernel_equals_xla(ckpt, monkeypatch, mode):
+    """fp8: weights out-major [N, K] (the fp8 pipeline), the W8A16 steps below the W8A8 token
+    count through the kernel."""
     graph, params = load_tiny(ckpt)
     g, p = compile_model(graph, params, quantization=mode)
     prompt = [int(t) for t in np.random.default_rng(5).integers(0, 300, 11)]
