@@ -66,9 +66,10 @@ def ceilings() -> dict:
     return {"copy_GBps": hbm / 1e9, "matmul_bf16_TFLOPs": 2 * n ** 3 / t / 1e12}
 
 
-def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, pool_dtype=None):
+def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, pool_dtype=None, page=PAGE, heads=(H, KVH), d=D):
     """A ragged batch over freshly filled pools; pages of each sequence shuffled across the pool."""
     s = len(q_lens)
+    (h, kvh), PAGE, D = heads, page, d  # noqa: N806
     pages = [-(-c // PAGE) for c in ctx_lens]
     nb = sum(pages)
     width = max(pages)
@@ -85,8 +86,8 @@ def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, pool_dtype=None):
     key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
     kq, kk, kv = jax.random.split(key, 3)
     pool_dtype = pool_dtype or dtype
-    mk = lambda k: jax.random.normal(k, (KVH, nb, PAGE, D), jnp.float32).astype(pool_dtype)  # noqa: E731
-    return dict(q=jax.random.normal(kq, (t, H, D), jnp.float32).astype(dtype), k=mk(kk), v=mk(kv),
+    mk = lambda k: jax.random.normal(k, (kvh, nb, PAGE, D), jnp.float32).astype(pool_dtype)  # noqa: E731
+    return dict(q=jax.random.normal(kq, (t, h, D), jnp.float32).astype(dtype), k=mk(kk), v=mk(kv),
                 positions=jnp.asarray(positions), seq_ids=jnp.asarray(seq_ids), tables=jnp.asarray(tables),
                 ctx=jnp.asarray(np.asarray(ctx_lens, np.int32)), qsl=jnp.asarray(qsl))
 
@@ -131,8 +132,64 @@ def jax_mgpu_fn(block_q: int, block_kv: int):
 def ref_fn(**kw):
     def f(b):
         return paged_attention_reference(b["q"], b["k"], b["v"], b["positions"], b["seq_ids"], b["tables"],
-                                         b["ctx"], scale=D ** -0.5, **kw)
+                                         b["ctx"], scale=b["q"].shape[-1] ** -0.5, **kw)
     return jax.jit(f)
+
+
+def mgpu_fn(cfg=None):
+    """Kiln's Mosaic GPU paged prefill kernel (`paged_prefill_mgpu.py`), the whole op."""
+    from kiln.runtime.kernels.paged_prefill_mgpu import paged_prefill
+
+    def f(b):
+        return paged_prefill(b["q"], b["k"], b["v"], b["seq_ids"], b["tables"], b["ctx"], b["qsl"],
+                             scale=b["q"].shape[-1] ** -0.5, config=cfg)
+    return jax.jit(f)
+
+
+def prefill_mgpu(rng, res, log, mm):
+    """Issue #4 (a): the Mosaic GPU paged prefill kernel against the fp32 reference on ragged shapes,
+    then prefill 2k/4k/8k/4x2k beside the Triton kernel, as TFLOP/s and % of the matmul ceiling."""
+    from kiln.runtime.kernels.paged_prefill_mgpu import MgpuConfig
+
+    for name, ql, cx, heads, d, page, cfg in [
+        ("ragged prefill + chunk + decode, GQA 4", [300, 77, 1, 129], [300, 900, 50, 1000], (32, 8), 128, 16, None),
+        ("GQA 1, head dim 64", [200, 65], [333, 65], (8, 8), 64, 16, None),
+        ("GQA 8, pages 32, block_kv 64, 3 stages", [513, 3], [700, 3], (64, 8), 128, 32, MgpuConfig(64, 3)),
+        ("pages 256 > block_kv (slices of a page)", [400], [1000], (32, 8), 128, 256, None),
+    ]:
+        for dt in (jnp.bfloat16, jnp.float16):
+            try:
+                b = make_batch(rng, ql, cx, dt, page=page, heads=heads, d=d)
+                out = mgpu_fn(cfg)(b)
+                bf = {**b, "q": b["q"].astype(jnp.float32), "k": b["k"].astype(jnp.float32),
+                      "v": b["v"].astype(jnp.float32)}
+                err = rel_err(out, ref_fn()(bf), sum(ql))
+            except Exception:
+                err = float("nan")
+                log(traceback.format_exc())
+            case = f"mgpu {name} {jnp.dtype(dt).name}"
+            res["checks"].append({"case": case, "rel_err": err})
+            log(f"check {case}: rel err {err:.2e}")
+
+    cfgs = [MgpuConfig(128, 2), MgpuConfig(64, 2), MgpuConfig(64, 3), MgpuConfig(128, 3)]
+    for ql in ([2048], [4096], [8192], [2048] * 4):
+        log(f"prefill {ql}")
+        b = make_batch(rng, ql, ql)
+        flops = sum(4 * H * D * q * (q + 1) / 2 for q in ql)
+        row = {"q_lens": ql, "flops": flops, "kiln": try_time("kiln Triton (default config)", kiln_fn(), b, log=log)}
+        tm = {str(c): try_time(f"kiln mgpu {c}", mgpu_fn(c), b, log=log) for c in cfgs}
+        row["mgpu_all"] = tm
+        row["mgpu"] = min([x for x in tm.values() if x] or [None]) if any(tm.values()) else None
+        b.clear()
+        b = make_batch(rng, ql, ql, page=64)  # a larger page: 2 TMA copies per 128 keys instead of 8
+        row["mgpu_page64"] = try_time("kiln mgpu, 64-token pages", mgpu_fn(MgpuConfig(128, 2)), b, log=log)
+        b.clear()
+        for k in ("kiln", "mgpu", "mgpu_page64"):
+            if row.get(k):
+                row[k + "_TFLOPs"] = flops / row[k] / 1e12
+                row[k + "_pct"] = 100 * row[k + "_TFLOPs"] / mm
+                log(f"  {k}: {row[k + '_TFLOPs']:.0f} TFLOP/s = {row[k + '_pct']:.0f}% of matmul")
+        res.setdefault("prefill_mgpu", []).append(row)
 
 
 def jax_paged_fn(ppcb: int, k_splits: int):
@@ -181,6 +238,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, tiny sizes")
     ap.add_argument("--wide", action="store_true", help="wide config sweeps (decode 2k/8k, fp8, prefill tiles)")
     ap.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU attention_mgpu on prefill")
+    ap.add_argument("--prefill-mgpu", action="store_true",
+                    help="only Kiln's Mosaic GPU paged prefill kernel: GPU checks, then prefill beside the Triton kernel")
     ap.add_argument("--decode-ctx", default="", help="comma-separated decode contexts (overrides the defaults)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -199,6 +258,11 @@ def main():
     log(f"device {res['device']}  jax {jax.__version__}")
     res["ceilings"] = cl = ceilings()
     log(f"ceilings: copy {cl['copy_GBps']:.0f} GB/s, bf16 matmul {cl['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    if args.prefill_mgpu:
+        prefill_mgpu(rng, res, log, cl["matmul_bf16_TFLOPs"])
+        with open(os.path.join(args.out, "attention.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        return 0
 
     # ---- correctness on the GPU (f32 reference on upcast inputs)
     for name, ql, cx, kw, dt, pdt in [

@@ -268,10 +268,7 @@ def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_s
     num_tiles = max(1, min(t, -(-t // bq) + s))
     meta, first_tile = metadata or tile_metadata(query_start_loc, context_lens, bq, num_tiles)
 
-    # q as [KVH, (T + block_q) * Gp, D]: a tile's rows are contiguous; the tail pad keeps reads in bounds
-    qg = q.reshape(t, kvh, group, d)
-    qg = jnp.pad(qg, ((0, bq), (0, 0), (0, gp - group), (0, 0)))
-    qg = jnp.transpose(qg, (1, 0, 2, 3)).reshape(kvh, (t + bq) * gp, d)
+    qg = q_by_kv_head(q, kvh, bq, gp)
 
     one = jnp.ones((), jnp.float32)
     ks = one if k_scale is None else jnp.asarray(k_scale, jnp.float32).reshape(())
@@ -351,17 +348,35 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     if cfg.splits > 1:
         out = combine_splits(*out, args[2][1])
 
-    # tiles -> tokens: token t of seq s sits in tile first[s] + i // bq, rows (i % bq) * Gp + g
-    out = out.reshape(kvh, num_tiles, bq, gp, d)[:, :, :, :group]
+    return tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
+
+
+def q_by_kv_head(q, kvh: int, block_q: int, gp: int):
+    """q [T, H, D] as [KVH, (T + block_q) * Gp, D]: a tile's rows (token-major, then the group's
+    heads padded to Gp) are contiguous; the tail pad of block_q tokens keeps tile reads in bounds."""
+    t, h, d = q.shape
+    group = h // kvh
+    qg = q.reshape(t, kvh, group, d)
+    qg = jnp.pad(qg, ((0, block_q), (0, 0), (0, gp - group), (0, 0)))
+    return jnp.transpose(qg, (1, 0, 2, 3)).reshape(kvh, (t + block_q) * gp, d)
+
+
+def tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, block_q: int, gp: int):
+    """Tile outputs [KVH, tiles, block_q * Gp, D] -> [T, H, D] in q's dtype; padding tokens are zeros.
+    Token t of sequence s sits in tile first_tile[s] + i // block_q, rows (i % block_q) * Gp + g."""
+    t, h, d = q.shape
+    kvh, num_tiles = out.shape[:2]
+    s = first_tile.shape[0]
+    out = out.reshape(kvh, num_tiles, block_q, gp, d)[:, :, :, :h // kvh]
     seq = seq_ids.astype(jnp.int32)
     local = jnp.arange(t, dtype=jnp.int32) - query_start_loc[seq]
     valid = jnp.arange(t) < query_start_loc[s]
     local = jnp.where(valid, local, 0)
-    tile_of = jnp.where(valid, first_tile[seq] + local // bq, 0)
-    res = out[:, tile_of, local % bq]                                  # [KVH, T, G, D]
+    tile_of = jnp.where(valid, first_tile[seq] + local // block_q, 0)
+    res = out[:, tile_of, local % block_q]                             # [KVH, T, G, D]
     res = jnp.transpose(res, (1, 0, 2, 3)).reshape(t, h, d)
     return jnp.where(valid[:, None, None], res, 0).astype(q.dtype)
 
 
 __all__ = ["KernelConfig", "choose_config", "ragged_paged_attention", "kernel_inputs", "kernel_call",
-           "combine_splits", "tile_metadata", "supported", "NEG"]
+           "combine_splits", "tile_metadata", "q_by_kv_head", "tiles_to_tokens", "supported", "NEG"]

@@ -1,0 +1,308 @@
+"""Paged prefill attention for Hopper as a Mosaic GPU Pallas kernel (wgmma from shared memory,
+TMA copies, one producer and two consumer warpgroups): the prefill-heavy case of
+`ragged_paged_attention.py`, where the Triton-lowered kernel stops near half the tensor-core rate.
+
+Work decomposition. Same q tiles as the Triton kernel (`tile_metadata`): a tile is 128 rows =
+`128 // Gp` new tokens of one sequence x the Gp query heads of one KV head, so every K/V byte
+serves the whole group (GQA). One CUDA block per (kv head, tile), tiles from the last (longest
+causal range first)::
+
+    warpgroup 0   rows   0..63  (tokens 0 .. 64/Gp - 1 of the tile)   QK^T, softmax, PV   (wgmma)
+    warpgroup 1   rows  64..127 (the next 64/Gp tokens)                QK^T, softmax, PV   (wgmma)
+    warpgroup 2   producer: per key step, block_kv // page whole pages of K and of V, each
+                  one TMA copy [page, D] gathered through the block table into a `stages`-deep
+                  ring of shared-memory buffers; a buffer is refilled once both consumers
+                  arrived on its "consumed" barrier.
+
+The two consumers take turns on the tensor cores (a shared two-arrival barrier), so one's
+softmax overlaps the other's matmuls. Keys fully below a warpgroup's first token skip the
+causal mask. Positions are not read: a sequence's new tokens sit at
+`context_len - q_len ... context_len - 1` (as `runtime/batch.py` lays them out).
+
+Scope: bf16/f16 q and pools of the same dtype, head dim 64 or 128, pages of a multiple of 8
+tokens, no sliding window, soft-cap or fp8 (the Triton kernel covers those). Written for the
+Mosaic GPU API of jax 0.11 (also present in 0.10); when `jax.experimental.pallas.mosaic_gpu`
+is missing, `available()` is False and nothing else here is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # jax builds without Mosaic GPU still import this module
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - depends on the jax build
+    plgpu = None
+
+ROWS = 64        # wgmma M of one consumer warpgroup
+CONSUMERS = 2
+TILE_ROWS = ROWS * CONSUMERS
+NEG = -1e30      # masked logit: finite, so no inf - inf
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    block_kv: int = 128      # keys per step: whole pages (a multiple of the page) or a slice of one page
+    stages: int = 2          # depth of the K/V shared-memory ring
+
+
+def available() -> bool:
+    return plgpu is not None and all(hasattr(plgpu, n) for n in ("kernel", "wgmma", "copy_gmem_to_smem", "ACC"))
+
+
+def supported(*, q_dtype, kv_dtype, head_dim: int, block_size: int, group: int, sliding_window=None,
+              soft_cap=None, block_kv: int = 128) -> bool:
+    """Whether this kernel computes the case (the dispatcher falls back to the Triton kernel)."""
+    half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    gp = 1 << max(0, (group - 1).bit_length())
+    return (available() and jnp.dtype(q_dtype) in half and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)
+            and head_dim in (64, 128) and block_size % 8 == 0 and gp <= ROWS
+            and (block_kv % block_size == 0 or block_size % block_kv == 0)
+            and not sliding_window and not soft_cap)
+
+
+def interpret_params():
+    """Mosaic GPU interpret mode (a CPU simulation of warpgroups, barriers and TMA) where jax has it."""
+    from jax._src.pallas.mosaic_gpu.interpret import params
+
+    return params.InterpretGPUParams()
+
+
+def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, block_kv: int, page: int,
+            width: int, num_tiles: int, stages: int, scale_log2: float, gpu: bool):
+    (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    head_dim = q_ref.shape[-1]
+    num_blocks = k_ref.shape[1]
+    dtype = q_ref.dtype
+    kvh = lax.axis_index("head")
+    tile = num_tiles - 1 - lax.axis_index("tile")
+    wg = lax.axis_index("wg")
+    seq, tok0, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
+    tokens_per_wg = ROWS // gp
+    tile_steps = (p0 + nq + block_kv - 1) // block_kv    # key steps the tile needs (0 for an empty tile)
+
+    def wgmma_layout(x, reduce: bool = False):  # register layouts; interpret mode has no layout_cast
+        if not gpu:
+            return x
+        return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if reduce else plgpu.Layout.WGMMA)
+
+    def iota(dim):
+        if not gpu:
+            return lax.broadcasted_iota(jnp.int32, (ROWS, block_kv), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), dim, layout=plgpu.Layout.WGMMA)
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        if gpu:
+            plgpu.set_max_registers(232, action="increase")
+        q_smem = q_smem2.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tok0 * gp + wg * ROWS, ROWS)], q_smem, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        pos0 = p0 + wg * tokens_per_wg                        # position of this warpgroup's first token
+        n_wg = jnp.clip(nq - wg * tokens_per_wg, 0, tokens_per_wg)
+        steps = jnp.where(n_wg > 0, (pos0 + n_wg + block_kv - 1) // block_kv, 0)
+        full = jnp.clip((pos0 + 1) // block_kv, 0, steps)    # steps below the first token: no mask
+
+        m_i = wgmma_layout(jnp.full((ROWS,), NEG, jnp.float32), reduce=True)
+        l_i = wgmma_layout(jnp.full((ROWS,), 0.0, jnp.float32), reduce=True)
+        acc = wgmma_layout(jnp.full((ROWS, head_dim), 0.0, jnp.float32))
+
+        @pl.when(steps > 0)
+        def _():
+            plgpu.barrier_wait(k_ready.at[0])
+
+        pl.when(wg == 1)(take_turn)
+
+        def kv_step(step, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                take_turn()
+                return acc_ref[...]
+
+            if gpu:
+                s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            else:  # interpret mode cannot read a transposed wgmma operand: the same product from registers
+                s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+                take_turn()
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * scale_log2                                                    # logits in log2 units
+            if masked:  # key k visible to row r iff k - pos0 <= r // gp  <=>  (k - pos0) * gp <= r
+                s = jnp.where((iota(1) + (step * block_kv - pos0)) * gp <= iota(0), s, NEG)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            plgpu.barrier_arrive(turn)               # softmax done
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)                 # the tensor cores are ours again
+
+            def wait_next_k():
+                nxt = step + 1
+
+                @pl.when(nxt < steps)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.array(stages, step.dtype))])
+
+            if gpu:
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    wait_next_k()
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            else:  # interpret mode has neither run_state nor a register wgmma operand
+                acc = acc + lax.dot_general(p16, v_smem[slot], (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+                wait_next_k()
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l_i
+
+        def drain(step, _):  # steps only the other warpgroup needs: pass the buffers on, keep turns paired
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_ready.at[slot])  # every phase observed by both consumers: no stale parity
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            take_turn()
+            take_turn()
+
+        carry = (acc, m_i, l_i)
+        carry = lax.fori_loop(0, full, functools.partial(_flip, kv_step, False), carry)
+        carry = lax.fori_loop(full, steps, functools.partial(_flip, kv_step, True), carry)
+        lax.fori_loop(steps, tile_steps, drain, None)
+        pl.when(wg == 0)(take_turn)
+
+        acc, m_i, l_i = carry
+        l_i = jnp.where(l_i == 0.0, 1.0, l_i)
+        acc = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+        q_smem[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[kvh, tile, pl.ds(wg * ROWS, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        if gpu:
+            plgpu.set_max_registers(40, action="decrease")
+        copies = max(1, block_kv // page)
+        rows_per_copy = min(page, block_kv)
+
+        def fetch(pool_ref, smem, ready, step, slot):
+            for i in range(copies):
+                if block_kv >= page:   # whole pages
+                    entry = jnp.minimum(step * copies + i, width - 1)
+                    blk, off = bt_ref[seq * width + entry], 0
+                else:                  # a slice of one page
+                    start = step * block_kv
+                    blk, off = bt_ref[seq * width + jnp.minimum(start // page, width - 1)], start % page
+                blk = jnp.clip(blk, 0, num_blocks - 1)
+                plgpu.copy_gmem_to_smem(pool_ref.at[kvh, blk, pl.ds(off, rows_per_copy)],
+                                        smem.at[slot, pl.ds(i * rows_per_copy, rows_per_copy)], ready.at[slot])
+
+        for i in range(stages):
+            @pl.when(i < tile_steps)
+            def _():
+                fetch(k_ref, k_smem, k_ready, i, i)
+                fetch(v_ref, v_smem, v_ready, i, i)
+
+        @pl.loop(0, tile_steps - stages)
+        def _(step):
+            nxt = step + stages
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_free.at[slot])
+            fetch(k_ref, k_smem, k_ready, nxt, slot)
+            plgpu.barrier_wait(v_free.at[slot])
+            fetch(v_ref, v_smem, v_ready, nxt, slot)
+
+        @pl.loop(jnp.maximum(tile_steps - stages, 0), tile_steps)
+        def _(step):  # the last buffers' release: every barrier phase is observed (interpret mode checks)
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+def _flip(step_fn, masked, step, carry):
+    return step_fn(step, carry, masked)
+
+
+def paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, *, scale: float,
+                  config: MgpuConfig | None = None, interpret: bool = False, metadata=None):
+    """Causal attention of a ragged flat batch over paged pools. q [T, H, D] -> [T, H, D] (q's dtype).
+    Same contract as `ragged_paged_attention` for the cases `supported` accepts."""
+    from kiln.runtime.kernels.ragged_paged_attention import q_by_kv_head, tile_metadata, tiles_to_tokens
+
+    config = config or MgpuConfig()
+    t, h, d = q.shape
+    kvh, nb, page, _ = k_pool.shape
+    s, width = block_tables.shape
+    group = h // kvh
+    gp = 1 << max(0, (group - 1).bit_length())
+    bq = TILE_ROWS // gp
+    num_tiles = max(1, min(-(-t // bq) + s, t))
+    meta, first_tile = metadata or tile_metadata(query_start_loc, context_lens, bq, num_tiles)
+    qg = q_by_kv_head(q, kvh, bq, gp)
+    out = tile_call(meta, block_tables.astype(jnp.int32).reshape(-1), qg, k_pool, v_pool, width=width,
+                    group=group, scale=scale, config=config, interpret=interpret)
+    return tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
+
+
+def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale: float,
+              config: MgpuConfig = MgpuConfig(), interpret: bool = False):
+    """The kernel alone: tile outputs [KVH, tiles, 128, D] in q's dtype (row r of a tile = token
+    r // Gp, head r % Gp). `meta` from `tile_metadata` with block_q = 128 // Gp, `tables` flat
+    [S * width], `qg` = `q_by_kv_head(q, KVH, 128 // Gp, Gp)`."""
+    kvh, nb, page, d = k_pool.shape
+    gp = 1 << max(0, (group - 1).bit_length())
+    num_tiles = meta.shape[0] // 4
+    bkv, stages = config.block_kv, config.stages
+    copies = max(1, bkv // page)
+    dtype = qg.dtype
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))  # noqa: E731
+    body = functools.partial(_kernel, gp=gp, block_kv=bkv, page=page, width=width, num_tiles=num_tiles,
+                             stages=stages, scale_log2=float(scale) * LOG2E,
+                             gpu=not interpret)
+
+    def entry(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref):
+        pl.run_scoped(
+            lambda *scoped: body(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped),
+            (smem((CONSUMERS, ROWS, d)), smem((stages, bkv, d)), smem((stages, bkv, d))),
+            (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+             plgpu.Barrier(num_barriers=CONSUMERS)),
+            (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=CONSUMERS),
+            collective_axes="wg",
+        )
+
+    kw = dict(interpret=interpret_params()) if interpret else {}
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((kvh, num_tiles, TILE_ROWS, d), dtype),
+        grid=(kvh, num_tiles),
+        grid_names=("head", "tile"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kw,
+    )(meta, tables, qg, k_pool, v_pool)
+
+
+__all__ = ["MgpuConfig", "available", "supported", "paged_prefill", "tile_call", "interpret_params"]
