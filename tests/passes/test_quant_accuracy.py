@@ -3,8 +3,9 @@ shipped quantization rows of BENCHMARKS.md "SmolLM2-135M perplexity with GPTQ" (
 stride 256: fp8 runs its W8A8 path; the W8A16 row raises FP8_W8A8_MIN_TOKENS above the window,
 the weight-only path that steps below 256 tokens take).
 
-- int4_wo with 32-groups reproduces the checkpoint exactly: the shipped GGUF stores every
-  projection as Q4_1 (asymmetric, 32-weight groups along the input dim, f16 scale and min).
+- int4_wo at its default group (the grid the weights already lie on: 32) reproduces the
+  checkpoint exactly: the shipped GGUF stores every projection as Q4_1 (asymmetric, 32-weight
+  groups along the input dim, f16 scale and min).
 - fp8 with GPTQ (calibrated on the shipped passes/calibration.txt, not the excerpt): W8A16
   within the 1% target. W8A8 misses it on this model: per-token e4m3 activations alone cost
   +1.1% with the weights left in float (BENCHMARKS.md)."""
@@ -40,11 +41,13 @@ def _ppl(g, p, tok, w8a16=False):
         qops.FP8_W8A8_MIN_TOKENS = saved
 
 
-def test_int4_g32_reproduces_the_q4_1_checkpoint(fused):
-    """Every projection's int4 g32 codes decode to the checkpoint's weights (so the perplexity
-    is the float graph's: BENCHMARKS.md measures 24.2096 for both)."""
+def test_int4_default_reproduces_the_q4_1_checkpoint(fused):
+    """int4_wo at its default group finds the checkpoint's own grid (Q4_1, 32-groups: not 64,
+    the largest of 128/64/32 dividing 576, whose re-rounding costs +19% to +32% perplexity
+    whatever the calibration; BENCHMARKS.md), and every projection's codes decode to the
+    checkpoint's weights (so the perplexity is the float graph's: 24.2096 for both)."""
     g, p, tok = fused
-    gq, pq = compile_model(g, p, quantization="int4_wo", int4_group_size=32)
+    gq, pq = compile_model(g, p, quantization="int4_wo")
     nodes = [n for n in gq.nodes if n.op == "qlinear"]
     assert len(nodes) == 4 * 30 and all(n.attrs["group_size"] == 32 for n in nodes)
     for n in nodes:
