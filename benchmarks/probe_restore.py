@@ -55,7 +55,46 @@ def main():
             t_h2d = time.perf_counter() - t
             res[f"host_read_{rep}_s"], res[f"h2d_{rep}_s"] = t_read, t_h2d
             print("host", rep, t_read, t_h2d, file=sys.stderr, flush=True)
+            # the same arrays through pinned host memory: numpy -> pinned_host (a host copy), then one DMA
+            dev0 = jax.devices()[0]
+            pinned = jax.sharding.SingleDeviceSharding(dev0, memory_kind="pinned_host")
+            try:
+                t = time.perf_counter()
+                hp = jax.block_until_ready(jax.device_put([host[n] for n in names], pinned))
+                t_pin = time.perf_counter() - t
+                t = time.perf_counter()
+                dev = jax.block_until_ready(jax.device_put(hp, jax.sharding.SingleDeviceSharding(dev0)))
+                res[f"to_pinned_{rep}_s"], res[f"pinned_h2d_{rep}_s"] = t_pin, time.perf_counter() - t
+                del hp
+            except Exception as e:
+                res["pinned_error"] = str(e)[:300]
+            # threads: one device_put per array, 8 at once
+            from concurrent.futures import ThreadPoolExecutor
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                dev = list(pool.map(lambda n: jax.device_put(host[n], dev0).block_until_ready(), names))
+            res[f"h2d_8threads_{rep}_s"] = time.perf_counter() - t
+            print(res, file=sys.stderr, flush=True)
             del host, dev
+        # orbax restoring straight into pinned host arrays, then one device_put of the tree
+        try:
+            from kiln.runtime.engine_dir import weight_shapes
+
+            dev0 = jax.devices()[0]
+            pinned = jax.sharding.SingleDeviceSharding(dev0, memory_kind="pinned_host")
+            for rep in range(2):
+                t = time.perf_counter()
+                hp = restore_weights(a.engine, manifest, {n: pinned for n in names}, threads=4)
+                jax.block_until_ready(hp)
+                t_r = time.perf_counter() - t
+                t = time.perf_counter()
+                dev = jax.block_until_ready(jax.device_put(hp, jax.sharding.SingleDeviceSharding(dev0)))
+                res[f"orbax_pinned_{rep}_s"], res[f"orbax_pinned_h2d_{rep}_s"] = t_r, time.perf_counter() - t
+                del hp, dev
+        except Exception as e:
+            res["orbax_pinned_error"] = str(e)[:300]
+        print(res, file=sys.stderr, flush=True)
     for n in [int(x) for x in a.threads.split(",")]:
         times = []
         for _ in range(2):
