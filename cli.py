@@ -122,8 +122,8 @@ def add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from free memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--attention", default="auto", choices=["auto", "reference", "pallas"],
-                   help="attention implementation (auto: the Pallas kernel on the GPU)")
+    p.add_argument("--attention", default="auto", choices=["auto", "reference", "pallas", "triton", "mgpu"],
+                   help="attention implementation (auto: the Pallas kernels on the GPU; mgpu: Hopper prefill)")
     p.add_argument("--quant", default=None, choices=["fp8", "int8_wo", "int4_wo"], help="weight quantization")
     p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"])
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")

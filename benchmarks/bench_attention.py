@@ -239,7 +239,7 @@ def main():
     ap.add_argument("--wide", action="store_true", help="wide config sweeps (decode 2k/8k, fp8, prefill tiles)")
     ap.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU attention_mgpu on prefill")
     ap.add_argument("--prefill-mgpu", action="store_true",
-                    help="only Kiln's Mosaic GPU paged prefill kernel: GPU checks, then prefill beside the Triton kernel")
+                    help="only the Mosaic GPU prefill kernel: checks, prefill beside Triton")
     ap.add_argument("--decode-ctx", default="", help="comma-separated decode contexts (overrides the defaults)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()

@@ -10,9 +10,12 @@ dropped), then each token attends over its sequence's blocks, keys at positions
 `> positions[t] - W`.
 
 Implementations (`impl`): "reference" (plain JAX, the correctness oracle, any backend),
-"pallas" (`ragged_paged_attention.py`, Triton on the GPU), "interpret" (the same kernel in
-Pallas interpret mode, for CPU tests) and "auto": the kernel on the GPU, the reference
-elsewhere. `KILN_ATTENTION=reference|pallas` in the environment overrides "auto".
+"triton" (`ragged_paged_attention.py`, Triton-lowered Pallas: every feature, decode split-K),
+"mgpu" (`paged_prefill_mgpu.py`, Mosaic GPU on Hopper: wgmma + TMA, for prefill; bf16/f16,
+head dim 64/128, no window/soft-cap/fp8), "pallas" (the kernels chosen by shape: Mosaic GPU for
+prefill-heavy steps on Hopper where it covers the case, Triton otherwise), "interpret" (the
+Triton kernel in Pallas interpret mode, for CPU tests) and "auto": "pallas" on the GPU, the
+reference elsewhere. `KILN_ATTENTION=<impl>` in the environment overrides "auto".
 
 FP8 (e4m3) pools: the cache entry may carry scalar `k_scale`/`v_scale` (value = stored *
 scale); writes divide by the scale and saturate, reads multiply (the kernel folds the
@@ -28,7 +31,9 @@ import jax.numpy as jnp
 from kiln.errors import ConfigError
 from kiln.runtime.kernels import requested_impl
 
-IMPLS = ("auto", "reference", "pallas", "interpret")
+IMPLS = ("auto", "reference", "pallas", "triton", "mgpu", "interpret")
+MGPU_MIN_TOKENS = 512       # "prefill-heavy" by static shape: at least this many tokens ...
+MGPU_TOKENS_PER_SEQ = 4     # ... and this many per sequence row of the batch
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -96,6 +101,10 @@ def paged_attention(q, k_pool, v_pool, positions, seq_ids, block_tables, context
         return paged_attention_reference(q, k_pool, v_pool, positions, seq_ids, block_tables, context_lens,
                                          scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                          k_scale=k_scale, v_scale=v_scale)
+    if impl in ("pallas", "mgpu") and _use_mgpu(impl, q, k_pool, block_tables.shape[0], sliding_window, soft_cap):
+        from kiln.runtime.kernels.paged_prefill_mgpu import paged_prefill
+
+        return paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, scale=scale)
     from kiln.runtime.kernels.ragged_paged_attention import ragged_paged_attention
 
     return ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc,
@@ -112,7 +121,31 @@ def resolve_impl(impl: str, *, head_dim: int, block_size: int) -> str:
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu"
         return "pallas" if on_gpu and supported(head_dim, block_size) else "reference"
-    if impl in ("pallas", "interpret") and not supported(head_dim, block_size):
+    if impl in ("pallas", "triton", "interpret") and not supported(head_dim, block_size):
         raise ConfigError(f"the Pallas attention kernel needs a power-of-two head_dim >= 16 and page size "
                           f"(got head_dim {head_dim}, kv_block_size {block_size}); use attention='reference'")
     return impl
+
+
+def hopper() -> bool:
+    """The default device is an sm_90 GPU (wgmma): where the Mosaic GPU kernel runs."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")) == "9.0"
+
+
+def _use_mgpu(impl, q, k_pool, num_seqs: int, sliding_window, soft_cap) -> bool:
+    """Whether this step's attention goes to the Mosaic GPU kernel: forced by impl="mgpu" (an error
+    where it cannot), or under "pallas" for prefill-heavy shapes on Hopper that it covers."""
+    from kiln.runtime.kernels import paged_prefill_mgpu as mg
+
+    t, h, d = q.shape
+    kvh, _, page, _ = k_pool.shape
+    ok = mg.supported(q_dtype=q.dtype, kv_dtype=k_pool.dtype, head_dim=d, block_size=page, group=h // kvh,
+                      sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "mgpu":
+        if not (ok and hopper()):
+            raise ConfigError(f"the Mosaic GPU attention kernel needs a Hopper GPU, bf16/f16 q and KV cache, head_dim "
+                              f"64/128, kv_block_size a multiple of 8, no sliding window/soft-cap (got {q.dtype}/"
+                              f"{k_pool.dtype}, head_dim {d}, kv_block_size {page}); use attention='pallas'")
+        return True
+    return ok and t >= MGPU_MIN_TOKENS and t >= MGPU_TOKENS_PER_SEQ * num_seqs and hopper()

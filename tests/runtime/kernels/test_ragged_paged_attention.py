@@ -143,7 +143,7 @@ def test_dispatch_auto_and_switch(monkeypatch):
     with pytest.raises(ConfigError, match="KILN_ATTENTION"):
         attn.resolve_impl("auto", head_dim=128, block_size=16)
     with pytest.raises(ConfigError, match="unknown attention"):
-        attn.resolve_impl("triton", head_dim=128, block_size=16)
+        attn.resolve_impl("cuda", head_dim=128, block_size=16)
     with pytest.raises(ConfigError, match="power-of-two head_dim"):
         attn.resolve_impl("pallas", head_dim=96, block_size=16)
 

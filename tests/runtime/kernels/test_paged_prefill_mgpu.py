@@ -1,0 +1,92 @@
+"""The Mosaic GPU paged prefill kernel in Mosaic GPU interpret mode (a CPU simulation of its
+warpgroups, barriers and TMA copies) against the plain-JAX reference, and its dispatch.
+
+jax 0.10.2's interpreter lacks three primitives the GPU build uses: `layout_cast`, `run_state`
+and wgmma with a transposed or register operand. In interpret mode the kernel takes QK^T and PV
+as register dot products instead (`gpu=False` in `_kernel`); the producer/consumer pipeline,
+barrier protocol (the interpreter checks that every phase is observed), page gather, causal
+masks, online softmax and tile layout are the GPU code. The wgmma path itself is checked on the
+H100 by `benchmarks/bench_attention.py --prefill-mgpu` (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kiln.errors import ConfigError
+from kiln.runtime.kernels import attention as attn
+from kiln.runtime.kernels import paged_prefill_mgpu as mg
+
+
+def ragged_case(rng, q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype, pad_tokens=3):
+    """q, pools and metadata of a ragged batch on shuffled pool blocks (one spare table column,
+    padding tokens at the end)."""
+    s = len(q_lens)
+    used = [-(-c // page) for c in ctx_lens]
+    nb, width = sum(used) + 2, max(used) + 1
+    perm = rng.permutation(nb).astype(np.int32)
+    tables = np.zeros((s, width), np.int32)
+    o = 0
+    for i, u in enumerate(used):
+        tables[i, :u] = perm[o:o + u]
+        o += u
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq_ids = np.r_[np.repeat(np.arange(s), q_lens), [0] * pad_tokens].astype(np.int32)
+    pos = np.r_[np.concatenate([np.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)]), [0] * pad_tokens]
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
+    t = int(qsl[-1]) + pad_tokens
+    return dict(q=normal(t, heads, head_dim), k=normal(kv_heads, nb, page, head_dim),
+                v=normal(kv_heads, nb, page, head_dim), positions=jnp.asarray(pos.astype(np.int32)),
+                seq_ids=jnp.asarray(seq_ids), tables=jnp.asarray(tables),
+                ctx=jnp.asarray(np.asarray(ctx_lens, np.int32)), qsl=jnp.asarray(qsl))
+
+
+@pytest.mark.parametrize("q_lens, ctx_lens, heads, kv_heads, page, dtype, cfg", [
+    # GQA 4: 32-token tiles, a tile whose second warpgroup has no tokens, a decode token at 130
+    ([40, 9, 1], [100, 9, 130], 4, 1, 16, jnp.bfloat16, mg.MgpuConfig(64, 2)),
+    # GQA 2 on 2 kv heads, 128-token pages read in slices, a 3-deep ring, a cached prefix
+    ([70, 3], [200, 3], 4, 2, 128, jnp.float16, mg.MgpuConfig(64, 3)),
+])
+def test_interpret_matches_reference(q_lens, ctx_lens, heads, kv_heads, page, dtype, cfg):
+    b = ragged_case(np.random.default_rng(len(q_lens)), q_lens, ctx_lens, heads, kv_heads, 64, page, dtype)
+    out = mg.paged_prefill(b["q"], b["k"], b["v"], b["seq_ids"], b["tables"], b["ctx"], b["qsl"],
+                           scale=64 ** -0.5, config=cfg, interpret=True)
+    f32 = {k: b[k].astype(jnp.float32) for k in ("q", "k", "v")}
+    ref = attn.paged_attention_reference(f32["q"], f32["k"], f32["v"], b["positions"], b["seq_ids"], b["tables"],
+                                         b["ctx"], scale=64 ** -0.5)
+    n = sum(q_lens)
+    got = np.asarray(out[:n], np.float32)
+    want = np.asarray(ref[:n])
+    assert out.dtype == dtype
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+    # every token's row, not only the whole: the worst token within 3x the tolerance
+    per_tok = np.linalg.norm(got - want, axis=(1, 2)) / np.linalg.norm(want, axis=(1, 2))
+    assert per_tok.max() < 6e-2
+    assert not np.asarray(out[n:]).any()  # padding tokens are zeros
+
+
+def test_supported_cases():
+    ok = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, head_dim=128, block_size=16, group=4)
+    assert mg.supported(**ok) == mg.available()
+    assert mg.available()  # jax here ships Mosaic GPU
+    for change in (dict(sliding_window=256), dict(soft_cap=30.0), dict(kv_dtype=jnp.float8_e4m3fn),
+                   dict(q_dtype=jnp.float32, kv_dtype=jnp.float32), dict(head_dim=256), dict(block_size=12),
+                   dict(block_size=24), dict(group=128)):
+        assert not mg.supported(**{**ok, **change}), change
+
+
+def test_dispatch(monkeypatch):
+    q = jax.ShapeDtypeStruct((2048, 32, 128), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((8, 256, 16, 128), jnp.bfloat16)
+    assert not attn._use_mgpu("pallas", q, pool, 4, None, None)  # CPU: not Hopper
+    monkeypatch.setattr(attn, "hopper", lambda: True)
+    assert attn._use_mgpu("pallas", q, pool, 4, None, None)        # prefill-heavy on Hopper
+    assert not attn._use_mgpu("pallas", q, pool, 1024, None, None)  # 2 tokens per sequence row: Triton
+    assert not attn._use_mgpu("pallas", q, pool, 4, 4096, None)     # a window: Triton
+    assert attn._use_mgpu("mgpu", q, pool, 1024, None, None)        # forced
+    with pytest.raises(ConfigError, match="Mosaic GPU"):
+        attn._use_mgpu("mgpu", q, pool, 4, None, 30.0)
+    assert attn.resolve_impl("triton", head_dim=128, block_size=16) == "triton"
+    assert attn.resolve_impl("mgpu", head_dim=128, block_size=16) == "mgpu"
