@@ -42,7 +42,7 @@ def kiln_part(preset, quick, extra, quant=None, workloads=None, scale=1.0, deadl
     extra = {"max_num_seqs": 256, "max_num_tokens": 2048, **extra}
     llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_model_len=2304, **extra)
     res = {"_load_s": time.time() - t0, "_quant": quant or "bf16", "_compile_s_at_load": llm.runner.compile_seconds,
-           "_engine": {k: extra[k] for k in ("max_num_seqs", "max_num_tokens")} | {"compiler_options": llm.runner.compiler_options,
+           "_engine": {k: extra.get(k) for k in ("max_num_seqs", "max_num_tokens", "kv_cache_dtype")} | {"compiler_options": llm.runner.compiler_options,
                                                                                   "kv_blocks": llm.runner.num_blocks}}
     names = workloads or (list(WORKLOADS)[:2] if quick else list(WORKLOADS))
     for name in names:
@@ -137,10 +137,13 @@ def main():
     ap.add_argument("--max-num-tokens", type=int, default=2048)
     ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
                     help="XLA option of the step compiles (repeatable; default: Kiln's rule)")
+    ap.add_argument("--kv-cache-dtype", default=None, help="fp8: e4m3 KV cache")
     ap.add_argument("--tag", default="", help="suffix of the result file name (bench_e2e_kiln_<quant><tag>.json)")
     a = ap.parse_args()
     extra = {"attention": a.attention} if a.attention else {}
     extra.update(max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens)
+    if a.kv_cache_dtype:
+        extra["kv_cache_dtype"] = a.kv_cache_dtype
     if a.compiler_option:
         from kiln.cli import _compiler_options
 
@@ -187,7 +190,8 @@ def print_table():
             r, roof = rep["results"], rep["roofline"]
             h = hf.get(name, {}).get("output_tokens_per_s")
             eng = res.get("_engine", {})
-            print(f"| {res['_quant']} (seqs {eng.get('max_num_seqs', 256)}, tokens {eng.get('max_num_tokens', 2048)}) | {name} ({r['requests']} req) | {r['output_tokens_per_s']:,.0f} | {h and f'{h:,.0f}'} | "
+            kvd = f", {eng['kv_cache_dtype']} KV" if eng.get("kv_cache_dtype") else ""
+            print(f"| {res['_quant']} (seqs {eng.get('max_num_seqs', 256)}, tokens {eng.get('max_num_tokens', 2048)}{kvd}) | {name} ({r['requests']} req) | {r['output_tokens_per_s']:,.0f} | {h and f'{h:,.0f}'} | "
                   f"{r['ttft_ms_p50']:.1f} | {r['tpot_ms_p50'] or 0:.2f} | {r['itl_ms_p50'] or 0:.2f} | "
                   f"{roof['roofline_output_tokens_per_s']:,.0f} |")
 

@@ -56,6 +56,27 @@ def hlo_sources(text: str) -> dict[str, str]:
     return out
 
 
+def hlo_categories(text: str) -> dict[str, str]:
+    """instruction name -> a coarse kind for the per-kind split of a trace: 'gemm <out shape>'
+    for cuBLAS calls, the Pallas kernel's name for Triton custom calls, 'fusion <op>' else."""
+    out = {}
+    for ln in text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(?[\w\[\],{}\s]*?\)?)\s+[\w\-]+\(", ln)
+        if not m:
+            continue
+        name, sh = m.group(1), re.search(r"\w+\[[\d,]*\]", m.group(2))
+        shape = sh.group(0) if sh else "?"
+        op = re.search(r'op_name="([^"]+)"', ln)
+        opn = op.group(1) if op else ""
+        if "__cublas" in ln:
+            out[name] = f"gemm {shape}"
+        elif "xla.gpu.triton" in ln and "pallas" in opn:
+            out[name] = "pallas " + next((p for p in opn.split("/") if p.startswith("kiln_") or "attention" in p), opn[-50:])
+        elif " fusion(" in ln:
+            out[name] = "fusion " + opn.split("/")[-1][:40]
+    return out
+
+
 def hlo_report(text: str, pool_shape: tuple) -> dict:
     dims = ",".join(str(d) for d in pool_shape)
     header = text.splitlines()[0] if text else ""
@@ -73,7 +94,7 @@ def hlo_report(text: str, pool_shape: tuple) -> dict:
             "num_fusions": len(re.findall(r"\bfusion\(", text))}
 
 
-def trace_summary(logdir: str, sources: dict[str, str], steps: int, top: int = 30) -> dict:
+def trace_summary(logdir: str, sources: dict[str, str], steps: int, top: int = 30, cats: dict | None = None) -> dict:
     """Device kernels of a jax.profiler trace: total per kernel and per source line."""
     paths = glob.glob(os.path.join(logdir, "plugins/profile/*/*.trace.json.gz")) + \
         glob.glob(os.path.join(logdir, "plugins/profile/*/perfetto_trace.json.gz"))
@@ -85,6 +106,7 @@ def trace_summary(logdir: str, sources: dict[str, str], steps: int, top: int = 3
     tname = {(e["pid"], e.get("tid")): e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "thread_name"}
     dev = {p for p, n in pname.items() if "GPU" in n or "device" in n.lower()}
     by_kernel, by_src, threads = collections.Counter(), collections.Counter(), collections.Counter()
+    by_cat = collections.Counter()
     count = collections.Counter()
     t_lo, t_hi = None, None
     for e in ev:
@@ -101,19 +123,22 @@ def trace_summary(logdir: str, sources: dict[str, str], steps: int, top: int = 3
         by_kernel[key] += e["dur"]
         count[key] += 1
         by_src[sources.get(hop, "?" if hop else name[:60])] += e["dur"]
+        by_cat[(cats or {}).get(key, "other " + key.split(".")[0][:30])] += e["dur"]
         t_lo = e["ts"] if t_lo is None else min(t_lo, e["ts"])
         t_hi = e["ts"] + e["dur"] if t_hi is None else max(t_hi, e["ts"] + e["dur"])
     busy = sum(by_kernel.values())
     return {"kernel_us_per_step": busy / steps, "span_us_per_step": ((t_hi or 0) - (t_lo or 0)) / steps,
             "threads_us": dict(threads.most_common(8)),
             "top_kernels": [(k, round(v / steps, 1), count[k] // steps, sources.get(k, "")) for k, v in by_kernel.most_common(top)],
-            "by_source_us_per_step": [(k, round(v / steps, 1)) for k, v in by_src.most_common(top)]}
+            "by_source_us_per_step": [(k, round(v / steps, 1)) for k, v in by_src.most_common(top)],
+            "by_kind_us_per_step": [(k, round(v / steps, 1)) for k, v in by_cat.most_common(40)]}
 
 
 # --------------------------------------------------------------------------- engine part
 
 
-def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, preset: str = "llama-3-8b") -> dict:
+def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, preset: str = "llama-3-8b",
+                max_num_seqs: int = 256) -> dict:
     import jax
     import numpy as np
 
@@ -139,7 +164,7 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
 
     loader.random_params, pipeline._apply_transforms = rp, tr
     t = time.perf_counter()
-    llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_num_seqs=256, max_num_tokens=2048,
+    llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_num_seqs=max_num_seqs, max_num_tokens=2048,
               max_model_len=2304, gpu_memory_utilization=mem_util,
               **({"num_kv_blocks": int(os.environ["PROBE_KV_BLOCKS"])} if "PROBE_KV_BLOCKS" in os.environ else {}))
     rep["phases"]["llm_init_s"] = time.perf_counter() - t
@@ -241,12 +266,14 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
             out = call()
         out["tokens"].block_until_ready()
         jax.profiler.stop_trace()
-        info["trace"] = trace_summary(d, hlo_sources(text), 3)
+        info["trace"] = trace_summary(d, hlo_sources(text), 3, cats=hlo_categories(text))
         rep["steps"][label] = info
         log(label, json.dumps({k: v for k, v in info.items() if k != "trace"})[:1500])
         tr_ = info["trace"]
         log(f"  kernels {tr_.get('kernel_us_per_step', 0):.0f} us/step, span {tr_.get('span_us_per_step', 0):.0f}")
-        for k, v in tr_.get("by_source_us_per_step", [])[:18]:
+        for k, v in tr_.get("by_kind_us_per_step", [])[:25]:
+            log(f"    {v:9.1f} us  {k}")
+        for k, v in tr_.get("by_source_us_per_step", [])[:6]:
             log(f"    {v:9.1f} us  {k}")
         for k in tr_.get("top_kernels", [])[:12]:
             log("    ", k)
@@ -348,12 +375,14 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--mlp-dims", default="32,4096,14336", help="layers,embed,mlp")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.55)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
     a = ap.parse_args()
     if a.mlp:
         rep, name = mlp_part(*[int(v) for v in a.mlp_dims.split(",")]), "mlp"
     else:
         q = None if a.quant == "none" else a.quant
-        rep, name = engine_part(q, a.isl, a.osl, a.num_requests, a.gpu_memory_utilization, a.preset), a.quant
+        rep, name = engine_part(q, a.isl, a.osl, a.num_requests, a.gpu_memory_utilization, a.preset,
+                                  a.max_num_seqs), a.quant
     with open(os.path.join(OUT, f"profile_{name}.json"), "w") as f:
         json.dump(rep, f, indent=1, default=str)
 

@@ -262,13 +262,14 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     target = weight_shapes(manifest, shardings)
     rebuild = manifest.get("build_command", "kiln build")
     threads = max(1, int(threads or os.environ.get("KILN_RESTORE_THREADS") or 4))
+    restore_gb = int(os.environ["KILN_RESTORE_CONCURRENT_GB"]) if os.environ.get("KILN_RESTORE_CONCURRENT_GB") else None
     parts = _balanced_parts(target, threads)
 
     def restore(names):
         item = {n: target[n] for n in names}
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=len(parts) > 1)
-        return _checkpointer().restore(d / "weights", args=args)
+        return _checkpointer(restore_gb).restore(d / "weights", args=args)
 
     try:
         if len(parts) == 1:
@@ -305,11 +306,13 @@ def _balanced_parts(target: dict, n: int) -> list[list[str]]:
     return [g for g, _ in groups if g]
 
 
-def _checkpointer():
-    """orbax's PyTree checkpointer over zarr3 + OCDBT, without zstd compression."""
+def _checkpointer(restore_concurrent_gb: int | None = None):
+    """orbax's PyTree checkpointer over zarr3 + OCDBT, without zstd compression;
+    `restore_concurrent_gb` bounds the bytes a restore holds in flight (orbax's default: 96)."""
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False,
+                                                        restore_concurrent_gb=restore_concurrent_gb))
 
 
 def use_compile_cache(directory: str | os.PathLike):
