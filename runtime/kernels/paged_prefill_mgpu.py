@@ -84,7 +84,7 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, bl
     kvh = lax.axis_index("head")
     tile = num_tiles - 1 - lax.axis_index("tile")
     wg = lax.axis_index("wg")
-    seq, tok0, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
+    seq, _, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
     tokens_per_wg = ROWS // gp
     tile_steps = (p0 + nq + block_kv - 1) // block_kv    # key steps the tile needs (0 for an empty tile)
 
@@ -107,7 +107,7 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, bl
         if gpu:
             plgpu.set_max_registers(232, action="increase")
         q_smem = q_smem2.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tok0 * gp + wg * ROWS, ROWS)], q_smem, q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tile * TILE_ROWS + wg * ROWS, ROWS)], q_smem, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
         pos0 = p0 + wg * tokens_per_wg                        # position of this warpgroup's first token
         n_wg = jnp.clip(nq - wg * tokens_per_wg, 0, tokens_per_wg)
@@ -208,9 +208,10 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, bl
                 if block_kv >= page:   # whole pages
                     entry = jnp.minimum(step * copies + i, width - 1)
                     blk, off = bt_ref[seq * width + entry], 0
-                else:                  # a slice of one page
-                    start = step * block_kv
-                    blk, off = bt_ref[seq * width + jnp.minimum(start // page, width - 1)], start % page
+                else:                  # a slice of one page (offset written as a visible multiple of block_kv)
+                    per_page = page // block_kv
+                    blk = bt_ref[seq * width + jnp.minimum(step // per_page, width - 1)]
+                    off = (step % per_page) * block_kv
                 blk = jnp.clip(blk, 0, num_blocks - 1)
                 plgpu.copy_gmem_to_smem(pool_ref.at[kvh, blk, pl.ds(off, rows_per_copy)],
                                         smem.at[slot, pl.ds(i * rows_per_copy, rows_per_copy)], ready.at[slot])
@@ -245,7 +246,7 @@ def paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_
                   config: MgpuConfig | None = None, interpret: bool = False, metadata=None):
     """Causal attention of a ragged flat batch over paged pools. q [T, H, D] -> [T, H, D] (q's dtype).
     Same contract as `ragged_paged_attention` for the cases `supported` accepts."""
-    from kiln.runtime.kernels.ragged_paged_attention import q_by_kv_head, tile_metadata, tiles_to_tokens
+    from kiln.runtime.kernels.ragged_paged_attention import tile_metadata, tiles_to_tokens
 
     config = config or MgpuConfig()
     t, h, d = q.shape
@@ -256,17 +257,31 @@ def paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_
     bq = TILE_ROWS // gp
     num_tiles = max(1, min(-(-t // bq) + s, t))
     meta, first_tile = metadata or tile_metadata(query_start_loc, context_lens, bq, num_tiles)
-    qg = q_by_kv_head(q, kvh, bq, gp)
-    out = tile_call(meta, block_tables.astype(jnp.int32).reshape(-1), qg, k_pool, v_pool, width=width,
-                    group=group, scale=scale, config=config, interpret=interpret)
+    out = tile_call(meta, block_tables.astype(jnp.int32).reshape(-1), q_by_tile(q, meta, kvh, gp), k_pool, v_pool,
+                    width=width, group=group, scale=scale, config=config, interpret=interpret)
     return tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
+
+
+def q_by_tile(q, meta, kvh: int, gp: int):
+    """q [T, H, D] gathered tile by tile: [KVH, tiles * 128, D], row r of tile j = token
+    tok0_j + r // Gp, head r % Gp of the kv head's group. Every tile then starts at a multiple of 128
+    rows, which TMA copies of the swizzled q tile need (jax 0.11's layout inference rejects q
+    copies at offsets it cannot prove to be multiples of 8)."""
+    t, h, d = q.shape
+    group = h // kvh
+    tok0 = meta.reshape(-1, 4)[:, 1]
+    rows = jnp.arange(TILE_ROWS, dtype=jnp.int32)
+    tok = jnp.minimum(tok0[:, None] + rows // gp, t - 1)                     # [tiles, 128]
+    qp = jnp.pad(q.reshape(t, kvh, group, d), ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+    qt = qp[tok, :, rows % gp]                                               # [tiles, 128, KVH, D]
+    return jnp.transpose(qt, (2, 0, 1, 3)).reshape(kvh, -1, d)
 
 
 def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale: float,
               config: MgpuConfig = MgpuConfig(), interpret: bool = False):
     """The kernel alone: tile outputs [KVH, tiles, 128, D] in q's dtype (row r of a tile = token
     r // Gp, head r % Gp). `meta` from `tile_metadata` with block_q = 128 // Gp, `tables` flat
-    [S * width], `qg` = `q_by_kv_head(q, KVH, 128 // Gp, Gp)`."""
+    [S * width], `qg` = `q_by_tile(q, meta, KVH, Gp)`."""
     kvh, nb, page, d = k_pool.shape
     gp = 1 << max(0, (group - 1).bit_length())
     num_tiles = meta.shape[0] // 4
@@ -305,4 +320,4 @@ def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale
     )(meta, tables, qg, k_pool, v_pool)
 
 
-__all__ = ["MgpuConfig", "available", "supported", "paged_prefill", "tile_call", "interpret_params"]
+__all__ = ["MgpuConfig", "available", "supported", "paged_prefill", "tile_call", "q_by_tile", "interpret_params"]
