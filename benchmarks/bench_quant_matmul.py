@@ -222,19 +222,46 @@ SWEEP2 = [
                 dict(G1, block_n=16, block_k=2048, num_warps=8, num_stages=2),
                 dict(G1, block_n=32, block_k=1024, num_warps=8, num_stages=2)]),
 ]
-SWEEPS = {"1": SWEEP, "2": SWEEP2}
+# Run 3 (`--sweep 3`): the best of runs 1-2 again, also timed with calls queued back to back
+SWEEP3 = [
+    ("fp8", 16, [dict(TCS, block_n=32, block_k=256, num_stages=4), dict(TCS, block_n=64, block_k=128, num_stages=4)]),
+    ("fp8", 1, [dict(G1, block_n=16, block_k=1024, num_warps=4, num_stages=2),
+                dict(G1, block_n=8, block_k=1024, num_warps=4, num_stages=3), {}]),
+    ("int8_nk", 16, [dict(TC1, block_n=32, block_k=256, num_stages=4), dict(TCS, block_n=32, block_k=256, num_stages=4)]),
+    ("int4_wo", 1, [{}]),
+]
+SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3}
+# `--parts profile`: (mode, M, impl, variant); the kernel variants are runs 1-2's best
+PROFILE = [("bf16", 16, "xla", None), ("fp8", 16, "xla", None),
+           ("fp8", 16, "pallas", dict(TCS, block_n=32, block_k=256, num_stages=4)),
+           ("fp8", 1, "xla", None), ("fp8", 1, "pallas", dict(G1, block_n=16, block_k=1024, num_warps=4, num_stages=2))]
 
 
-def _time_stack(mode, layers, x, impl, over, shapes, wbytes, bw, n_params, tag=""):
+def queued(fn, *args, calls=10, rounds=3):
+    """Seconds per call with `calls` calls queued back to back before one sync (median of
+    `rounds`): the host's per-call dispatch and sync overlap the device's work, unlike `bench`."""
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            y = fn(*args)
+        jax.block_until_ready(y)
+        ts.append((time.perf_counter() - t0) / calls)
+    return float(np.median(ts))
+
+
+def _stack_fn(mode, m, impl, over, shapes):
+    """jit of the stack (all four projections per layer) or of one projection per layer, with
+    the kernel configs for `over`; (fn, configs), fn None where a config does not tile."""
     configs = None
-    m = x.shape[0]
     if impl == "pallas":
         m_, g = MODES[mode]
         configs = {name: qm.choose_config(m, *SHAPES[name], m_, g, w_layout="nk" if mode in NK else "kn", **over)
                    for name in shapes}
         if any(c is None for c in configs.values()):
             print("sweep untileable", mode, m, over, flush=True)
-            return None
+            return None, None
 
     def one(ls, x):  # one projection per layer; its input zero-padded to K, its output cut to E
         for lw in ls:
@@ -244,14 +271,22 @@ def _time_stack(mode, layers, x, impl, over, shapes, wbytes, bw, n_params, tag="
         return x
 
     if shapes == tuple(SHAPES):
-        fn = jax.jit(lambda ls, x: stack(mode, ls, x, impl, configs))
-    else:
-        fn = jax.jit(one)
+        return jax.jit(lambda ls, x: stack(mode, ls, x, impl, configs)), configs
+    return jax.jit(one), configs
+
+
+def _time_stack(mode, layers, x, impl, over, shapes, wbytes, bw, n_params, tag=""):
+    m = x.shape[0]
+    fn, configs = _stack_fn(mode, m, impl, over, shapes)
+    if fn is None:
+        return None
     t0 = time.perf_counter()
     jax.block_until_ready(fn(layers, x))
     first = time.perf_counter() - t0
     t = bench(fn, layers, x, iters=10)
+    tq = queued(fn, layers, x)
     row = {"mode": mode, "impl": impl, "M": m, "shapes": tag or "all", "variant": over, "ms": t * 1e3,
+           "ms_queued": tq * 1e3, "TBps_queued": wbytes / tq / 1e12,
            "weight_GB": wbytes / 1e9, "TBps": wbytes / t / 1e12, "roofline_ms": wbytes / bw * 1e3,
            "TFLOPs": 2 * m * n_params / t / 1e12, "first_call_s": first}
     if configs:
@@ -320,35 +355,45 @@ def run_sweep(out, n_layers, bw, deadline, path, sweep=SWEEP):
     return best
 
 
-def run_profile(out, n_layers, variants):
-    """Device kernels of one stack call at M = 16 (jax.profiler trace, 3 calls): the time in
-    kernels against the span, per kernel, for bf16, fp8 through XLA and the given kernel variants."""
+def run_profile(out, n_layers, runs):
+    """Device kernels of one call (jax.profiler trace, 3 calls) of the stack and of each
+    projection alone (32 of it per jit), per (mode, M, impl, variant) in `runs`: the time in
+    kernels, the span, the kernel count and the largest kernels. Run with XLA's command buffers
+    off (XLA_FLAGS=--xla_gpu_enable_command_buffer=) to see the kernels, not one graph."""
     import tempfile
 
     from probe_step_profile import trace_summary
 
     res = out.setdefault("profile", {})
-    for mode, impl, over in [("bf16", "xla", None), ("fp8", "xla", None)] + [("fp8", "pallas", v) for v in variants]:
+    for mode, m, impl, over in runs:
         layers = [{name: make_w(jax.random.fold_in(jax.random.PRNGKey(0), 4 * l + i), s, mode)
                    for i, (name, s) in enumerate(SHAPES.items())} for l in range(n_layers)]
-        x = jax.random.normal(jax.random.PRNGKey(16), (16, E), jnp.float32).astype(jnp.bfloat16)
-        configs = None if impl == "xla" else {
-            name: qm.choose_config(16, k, n, "fp8", None, w_layout="nk", **over) for name, (k, n) in SHAPES.items()}
-        fn = jax.jit(lambda ls, x: stack(mode, ls, x, impl, configs))
-        jax.block_until_ready(fn(layers, x))
-        d = tempfile.mkdtemp()
-        jax.profiler.start_trace(d, create_perfetto_trace=True)
-        for _ in range(3):
-            y = fn(layers, x)
-        jax.block_until_ready(y)
-        jax.profiler.stop_trace()
-        summ = trace_summary(d, {}, 3, top=12)
-        label = f"{mode}/{impl}/{over}"
-        res[label] = summ
-        print(f"profile {label}: kernels {summ.get('kernel_us_per_step', 0):.0f} us per call, span "
-              f"{summ.get('span_us_per_step', 0):.0f} us", flush=True)
-        for k in summ.get("top_kernels", [])[:8]:
-            print("    ", str(k)[:160], flush=True)
+        x = jax.random.normal(jax.random.PRNGKey(m), (m, E), jnp.float32).astype(jnp.bfloat16)
+        for shapes in [tuple(SHAPES)] + [(n,) for n in SHAPES]:
+            fn, _ = _stack_fn(mode, m, impl, over, shapes)
+            if fn is None:
+                continue
+            jax.block_until_ready(fn(layers, x))
+            d = tempfile.mkdtemp()
+            jax.profiler.start_trace(d, create_perfetto_trace=True)
+            for _ in range(3):
+                y = fn(layers, x)
+            jax.block_until_ready(y)
+            jax.profiler.stop_trace()
+            summ = trace_summary(d, {}, 3, top=40)
+            wbytes = sum(nbytes(lw[n]) for lw in layers for n in shapes)
+            label = f"{mode}/M={m}/{impl}/{over}/{'+'.join(shapes) if len(shapes) == 1 else 'all'}"
+            busy = summ.get("kernel_us_per_step", 0)
+            top = summ.get("top_kernels", [])
+            big = sum(t for _, t, _, _ in top[:1]) if len(shapes) == 1 else 0
+            summ["weight_GB"] = wbytes / 1e9
+            res[label] = summ
+            print(f"profile {label}: kernels {busy:.0f} us per call ({wbytes / max(busy, 1e-9) / 1e6:.2f} TB/s of "
+                  f"weights), span {summ.get('span_us_per_step', 0):.0f} us, "
+                  f"{sum(c for _, _, c, _ in top)} kernels" + (f"; largest kernel {big:.0f} us" if big else ""),
+                  flush=True)
+            for k in top[:4]:
+                print("    ", str(k)[:150], flush=True)
         del layers
 
 
@@ -379,8 +424,7 @@ def main():
         check(out)
         json.dump(out, open(path, "w"), indent=1)
     if "profile" in parts:
-        run_profile(out, args.layers, [dict(TCS, block_n=32, block_k=256, num_stages=4),
-                                       dict(G1, block_n=16, block_k=1024, num_warps=4, num_stages=2)])
+        run_profile(out, args.layers, PROFILE)
         json.dump(out, open(path, "w"), indent=1)
     if "sweep" in parts:
         best = run_sweep(out, args.layers, bw, deadline, path, SWEEPS[args.sweep])
@@ -388,7 +432,7 @@ def main():
         print(f"\ncopy {bw / 1e12:.2f} TB/s; best per (mode, impl, M): ms (TB/s of weight bytes, x bf16) variant")
         for (mode, impl, m), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
             print(f"{mode:8} {impl:6} M={m:<4} {r['ms']:6.2f} ({r['TBps']:.2f}, {bf16.get(m, 0) / r['ms']:.2f}x) "
-                  f"{r['variant']}")
+                  f"queued {r.get('ms_queued', 0):6.2f} ms ({r.get('TBps_queued', 0):.2f}) {r['variant']}")
         for r in out["sweep"]:
             if r["shapes"] != "all":
                 print(f"  {r['mode']:5} {r['impl']:6} {r['shapes']:8} x{args.layers} M=16 {r['ms']:6.3f} ms "
