@@ -32,7 +32,7 @@ from kiln.errors import ConfigError
 from kiln.runtime.kernels import requested_impl
 
 IMPLS = ("auto", "reference", "pallas", "triton", "mgpu", "interpret")
-MGPU_MIN_TOKENS = 512       # "prefill-heavy" by static shape: at least this many tokens ...
+MGPU_MIN_TOKENS = 1024      # "prefill-heavy" by static shape: at least this many tokens (measured from 2k) ...
 MGPU_TOKENS_PER_SEQ = 4     # ... and this many per sequence row of the batch
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 

@@ -49,8 +49,8 @@ LOG2E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
-    block_kv: int = 64       # keys per step: whole pages (a multiple of the page) or a slice of one page
-    stages: int = 3          # depth of the K/V shared-memory ring
+    block_kv: int = 128      # keys per step: whole pages (a multiple of the page) or a slice of one page
+    stages: int = 2          # depth of the K/V shared-memory ring (128 x 2: the H100 sweep's best, BENCHMARKS.md)
 
 
 def available() -> bool:
@@ -58,7 +58,7 @@ def available() -> bool:
 
 
 def supported(*, q_dtype, kv_dtype, head_dim: int, block_size: int, group: int, sliding_window=None,
-              soft_cap=None, block_kv: int = 64) -> bool:
+              soft_cap=None, block_kv: int = 128) -> bool:
     """Whether this kernel computes the case (the dispatcher falls back to the Triton kernel)."""
     half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     gp = 1 << max(0, (group - 1).bit_length())
