@@ -17,7 +17,12 @@ causal range first)::
 The two consumers take turns on the tensor cores (a shared two-arrival barrier), so one's
 softmax overlaps the other's matmuls. Keys fully below a warpgroup's first token skip the
 causal mask. Positions are not read: a sequence's new tokens sit at
-`context_len - q_len ... context_len - 1` (as `runtime/batch.py` lays them out).
+`context_len - q_len ... context_len - 1` (as `runtime/batch.py` lays them out). q is gathered
+tile by tile beforehand (`q_by_tile`), so every q TMA copy starts at a multiple of 128 rows.
+
+Interpret mode (`interpret=True`, jax's Mosaic GPU CPU simulator) runs this same kernel except
+QK^T and PV, which it takes as register dot products: the simulator has no `layout_cast`,
+`run_state` or wgmma with a transposed or register operand (jax 0.10.2).
 
 Scope: bf16/f16 q and pools of the same dtype, head dim 64 or 128, pages of a multiple of 8
 tokens, no sliding window, soft-cap or fp8 (the Triton kernel covers those). Written for the
