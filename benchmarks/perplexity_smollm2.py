@@ -6,9 +6,11 @@ graph, same windows. Prints the whole BENCHMARKS.md table.
     python benchmarks/perplexity_smollm2.py [--text tests/data/alice_chapter1_excerpt.txt] [--out FILE.json]
                                             [--rows fp8:rtn,fp8:gptq,...] [--no-reference]
 
-A row is MODE:METHOD[:GROUP]; fp8 rows are scored twice: W8A8 (as it runs at >= 256
-tokens; the windows are 512) and W8A16 (FP8_W8A8_MIN_TOKENS raised above the window, so the
-same weights run weight-only, as below 256 tokens). gptq / awq rows calibrate on
+A row is MODE:METHOD[:GROUP] (int4 without GROUP: the default group, the checkpoint's own
+4-bit grid when its weights lie on one, as the shipped Q4_1 GGUF's do); fp8 rows are scored
+twice: W8A8 (as it runs at >= 256 tokens; the windows are 512) and W8A16
+(FP8_W8A8_MIN_TOKENS raised above the window, so the same weights run weight-only, as below
+256 tokens). gptq / awq rows calibrate on
 passes/calibration.txt (model samples, not the evaluated text); the calibration inputs'
 moments are collected once and shared by every row.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.helpers
 
 ROWS = ("fp8:rtn", "fp8:gptq", "int8_wo:rtn", "int8_wo:gptq", "int4_wo:rtn", "int4_wo:gptq", "int4_wo:awq+gptq",
-        "int4_wo:rtn:32")
+        "int4_wo:rtn:64", "int4_wo:awq:64", "int4_wo:gptq:64", "int4_wo:awq+gptq:64")
 
 
 def main():
@@ -105,6 +107,8 @@ def main():
                                calibration=calib if method != "rtn" else None)
         layer_bytes = sum(np.asarray(v).nbytes for k, v in pq.items() if k.startswith("layers."))
         extra = dict(build_s=round(time.time() - t), layer_MB=round(layer_bytes / 1e6, 1))
+        if mode == "int4_wo":   # the groups the default (or the explicit size) came to
+            extra["groups"] = "/".join(map(str, sorted({n.attrs["group_size"] for n in gq.nodes if n.op == "qlinear"})))
         name = f"{mode} {method}" + (f" g{group}" if group else "")
         if mode == "fp8":
             record(name + " W8A8", lambda: perplexity_of_ids(gq, pq, ids, window=args.window, stride=args.stride), **extra)
