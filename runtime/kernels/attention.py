@@ -101,7 +101,7 @@ def paged_attention(q, k_pool, v_pool, positions, seq_ids, block_tables, context
         return paged_attention_reference(q, k_pool, v_pool, positions, seq_ids, block_tables, context_lens,
                                          scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                          k_scale=k_scale, v_scale=v_scale)
-    if impl in ("pallas", "mgpu") and _use_mgpu(impl, q, k_pool, block_tables.shape[0], sliding_window, soft_cap):
+    if impl in ("pallas", "mgpu") and _use_mgpu(impl, q, k_pool, block_tables.shape, sliding_window, soft_cap):
         from kiln.runtime.kernels.paged_prefill_mgpu import paged_prefill
 
         return paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, scale=scale)
@@ -133,13 +133,16 @@ def hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")) == "9.0"
 
 
-def _use_mgpu(impl, q, k_pool, num_seqs: int, sliding_window, soft_cap) -> bool:
+def _use_mgpu(impl, q, k_pool, block_tables_shape, sliding_window, soft_cap) -> bool:
     """Whether this step's attention goes to the Mosaic GPU kernel: forced by impl="mgpu" (an error
     where it cannot), or under "pallas" for prefill-heavy shapes on Hopper that it covers."""
     from kiln.runtime.kernels import paged_prefill_mgpu as mg
 
     t, h, d = q.shape
     kvh, _, page, _ = k_pool.shape
+    if isinstance(block_tables_shape, int):  # a sequence count alone: one block per sequence
+        block_tables_shape = (block_tables_shape, 1)
+    num_seqs = block_tables_shape[0]
     ok = mg.supported(q_dtype=q.dtype, kv_dtype=k_pool.dtype, head_dim=d, block_size=page, group=h // kvh,
                       sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "mgpu":
@@ -148,4 +151,33 @@ def _use_mgpu(impl, q, k_pool, num_seqs: int, sliding_window, soft_cap) -> bool:
                               f"64/128, kv_block_size a multiple of 8, no sliding window/soft-cap (got {q.dtype}/"
                               f"{k_pool.dtype}, head_dim {d}, kv_block_size {page}); use attention='pallas'")
         return True
-    return ok and t >= MGPU_MIN_TOKENS and t >= MGPU_TOKENS_PER_SEQ * num_seqs and hopper()
+    return (ok and t >= MGPU_MIN_TOKENS and t >= MGPU_TOKENS_PER_SEQ * num_seqs and hopper()
+            and lowers(mg.paged_prefill, q, k_pool, num_seqs, block_tables_shape))
+
+
+_LOWERS: dict = {}
+
+
+def lowers(kernel, q, k_pool, num_seqs: int, block_tables_shape=None, **kw) -> bool:
+    """Whether Mosaic GPU lowers `kernel` for these shapes (cached per shape): under "pallas" a
+    shape it rejects goes to the Triton kernel instead of failing the whole step's compile (jax
+    0.11.2's layout inference asserted on a real model step's pools that the kernel benchmark
+    never met). The probe lowers the kernel alone, from shapes only."""
+    key = (kernel, q.shape, str(q.dtype), k_pool.shape, str(k_pool.dtype), num_seqs)
+    if key not in _LOWERS:
+        i32 = jnp.int32
+        s, b = num_seqs, block_tables_shape[1] if block_tables_shape else 1
+        args = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
+                jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct((q.shape[0],), i32),
+                jax.ShapeDtypeStruct((s, b), i32), jax.ShapeDtypeStruct((s,), i32), jax.ShapeDtypeStruct((s + 1,), i32))
+        try:
+            jax.jit(lambda *a: kernel(*a, scale=1.0, **kw)).lower(*args)
+            _LOWERS[key] = True
+        except Exception as e:  # noqa: BLE001  (any lowering failure: fall back, say so once)
+            import sys
+
+            print(f"kiln: Mosaic GPU attention does not lower for q {q.shape} pool {k_pool.shape} "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); the Triton kernel runs",
+                  file=sys.stderr, flush=True)
+            _LOWERS[key] = False
+    return _LOWERS[key]
