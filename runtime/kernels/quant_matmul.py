@@ -18,6 +18,9 @@ packed byte row = one even and one odd weight row), so no nibble interleaving ha
     split s covers K steps [s * steps, (s + 1) * steps)  -> fp32 partials, summed outside
 
 With few tokens N / block_n programs leave most of the H100's 132 SMs idle, hence split-K.
+The multiply-and-sum form (`gemv`, M <= 4) on [N, K] weights instead takes narrow tiles (8-16
+output channels, 1 KB of K per step: every program streams long contiguous rows) and, with
+`defer_sum`, adds the products into a tile-shaped fp32 partial, reduced over K once at the end.
 
 Implementations (`impl`): "xla" (the reference: XLA converts the weight inside the dot),
 "pallas" (the kernel), "interpret" (the kernel in Pallas interpret mode, for CPU tests) and
@@ -45,8 +48,10 @@ IMPLS = ("auto", "xla", "pallas", "interpret")
 MODES = ("fp8", "int8_wo", "int4_wo")
 NUM_CORES = 132  # H100 SXM
 # "auto" runs the kernel up to this many tokens, per mode: where it beat XLA's path on the H100
-# (BENCHMARKS.md, "Fused dequantizing matmuls"): int4 at every M measured (XLA dequantizes the
-# whole weight first, 0.15 TB/s); int8 and fp8 never (XLA's convert-in-dot was as fast or faster)
+# (BENCHMARKS.md, "Fused dequantizing matmuls", "Decode matmuls profiled"): int4 at every M
+# measured (XLA dequantizes the whole weight first, 0.15 TB/s); int8 and fp8 never: on [N, K]
+# weights the kernel is within +-5% of XLA's convert-in-dot (M = 1: -5% to +4% by run; M = 16:
+# +3%), below the run-to-run spread, so the build's autotune table decides per shape instead
 AUTO_MAX_M = {"int4_wo": 256, "int8_wo": 0, "fp8": 0}
 
 
@@ -114,7 +119,11 @@ TUNED = {
     ("8bit", 16): dict(block_n=128, block_k=128, num_warps=4, num_stages=4),
     ("8bit", 64): dict(block_n=64, block_k=256, num_warps=4, num_stages=4),
     ("8bit", 256): dict(block_n=128, block_k=128, num_warps=8, num_stages=3, block_m=64),
-    ("8bit_nk", 4): dict(_GEMV, block_n=64),
+    # [N, K] (the fp8 pipeline's layout), sweeps 1-3 of 2026-11-24 (BENCHMARKS.md, "Decode matmuls
+    # profiled"): M = 1 narrow 8-channel tiles over 1 KB of K, summed once; M = 16 split-K tensor-core tiles
+    ("8bit_nk", 4): dict(_GEMV, block_n=8, block_k=1024, num_warps=4, num_stages=3, splits=1, defer_sum=True),
+    ("8bit_nk", 16): dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
+    ("8bit_nk", 64): dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
     ("int4", 4): _GEMV,
     ("int4", 16): dict(block_n=64, block_k=256, num_warps=4, num_stages=4),
     ("int4", 64): dict(block_n=128, block_k=128, num_warps=4, num_stages=4, post_scale=True),
@@ -139,7 +148,9 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
     # the multiply-and-sum form has no tensor-core minimum: [N, K] rows as narrow as 8 channels
     bn = _fit(o["block_n"], n, 8 if gemv and w_layout == "nk" and kind == "8bit" else 16)
     floor = max(group_size or 16, 16) if kind == "int4" else 16
-    bk = _fit(max(o["block_k"], floor), k, floor)
+    # defer_sum keeps a [bn, bk] fp32 partial per row in registers: fewer K per step for more rows
+    want_k = o["block_k"] // _pow2(m) if gemv and o.get("defer_sum") else o["block_k"]
+    bk = _fit(max(want_k, floor), k, floor)
     if bn is None or bk is None or (kind == "int4" and (k % group_size or bk % group_size or group_size < 32)):
         return None
     steps = k // bk
