@@ -150,3 +150,33 @@ def test_budget_and_candidates(ckpt):
                              if c["impl"] == "xla" or c["config"] == autotune.candidates(s, 16)[0] else 9.0)
     key = ("int4_wo", s.k, s.n, s.group, "kn", 16, "float32")
     assert real[key]["impl"] in ("xla", "interpret") and real[key]["us"]["xla"] > 0
+
+
+def test_fp8_out_major_shapes_are_tuned_and_followed(ckpt, monkeypatch):
+    """fp8 weights stored [N, K] (the fp8 pipeline) are autotune keys below the W8A8 token
+    count, and an fp8 W8A16 matmul (`fp8_linear`) follows the table's kernel choice for its key."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kiln.passes import compile_model
+    from kiln.passes.fp8_act import fp8_linear
+    from tests.passes.util import load_tiny
+
+    graph, params = compile_model(*load_tiny(ckpt), quantization="fp8")
+    shapes = autotune.qlinear_shapes(graph)
+    assert shapes and {(s.mode, s.layout, s.max_m) for s in shapes} == {("fp8", "nk", 255)}
+    lin = next(n for n in graph.nodes if n.op == "qlinear")
+    w = params[lin.inputs[1]]
+    s = next(s for s in shapes if (s.n, s.k) == (int(np.prod(w.shape[:-1])), w.shape[-1]))
+    cfg = autotune.candidates(s, 16)[0]
+    qm.set_tuned_table({(s.mode, s.k, s.n, None, "nk", 16, "float32"): ("interpret", cfg)})
+    calls = []
+    kernel = qm.quant_matmul_pallas
+    monkeypatch.setattr(qm, "quant_matmul_pallas", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, s.k)), jnp.float32)
+    scale = params[lin.inputs[2]]
+    kw = dict(in_features=s.k, bias=False, w_layout="nk", out_dtype=None, w8a8_min_tokens=None)
+    y = fp8_linear(x, w, scale, **kw)
+    assert len(calls) == 1 and calls[0]["config"] == cfg and calls[0]["w_layout"] == "nk"
+    want = fp8_linear(x, w, scale, **kw, impl="xla")
+    assert len(calls) == 1 and float(jnp.max(jnp.abs(y - want))) <= 1e-4 * float(jnp.max(jnp.abs(want)))
