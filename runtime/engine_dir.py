@@ -255,14 +255,20 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     The tree is split into `threads` parts of about equal bytes, each restored by its own
     orbax checkpointer (`partial_restore`) in its own thread: one restore keeps too few reads
     and host-to-device copies in flight to reach the disk's or the page cache's rate.
-    Default: `KILN_RESTORE_THREADS`, else 4."""
+    Default: `KILN_RESTORE_THREADS`, else 4; each holds at most `KILN_RESTORE_CONCURRENT_GB`
+    (default 2, at least the largest array) in flight."""
+    import numpy as np
     import orbax.checkpoint as ocp
 
     d = Path(engine_dir)
     target = weight_shapes(manifest, shardings)
     rebuild = manifest.get("build_command", "kiln build")
     threads = max(1, int(threads or os.environ.get("KILN_RESTORE_THREADS") or 4))
-    restore_gb = int(os.environ["KILN_RESTORE_CONCURRENT_GB"]) if os.environ.get("KILN_RESTORE_CONCURRENT_GB") else None
+    # bytes in flight per restore: small enough that the host staging of the copies to the device
+    # stays small (H100, 8B shape: 2 GB x 4 restores, warm start 8.4 -> 7.4 s), never under the
+    # largest array (orbax refuses an array larger than its budget)
+    largest = max((int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in target.values()), default=0)
+    restore_gb = max(int(os.environ.get("KILN_RESTORE_CONCURRENT_GB") or 2), -(-largest // 10**9))
     parts = _balanced_parts(target, threads)
 
     def restore(names):
