@@ -281,6 +281,9 @@ def run(llm, a: BenchArgs, *, log=print) -> dict:
                                                          seed=a.seed + 1)
         run_throughput(llm, warm[: min(len(warm), llm.runner.max_num_seqs)])
         run_latency(llm, warm[:1])
+        n = llm.runner.precompile_seen()  # the token buckets the warm-up missed (ramp-up/down of the timed run)
+        if n:
+            log(f"kiln bench: compiled {n} more token buckets")
     log(f"kiln bench: {a.mode}, {len(reqs)} requests")
     report = {"mode": a.mode, "config": asdict(a)}
     if a.mode == "throughput":

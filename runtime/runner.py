@@ -213,15 +213,16 @@ class Runner:
         """The step's samples on the host (waits for that step only)."""
         return {k: np.asarray(v) for k, v in handle.out.items()}
 
-    def _warmup_batches(self) -> list[StepBatch]:
-        """One greedy batch per token bucket (writes nothing to the cache)."""
+    def _warmup_batches(self, blocks: int | None = None) -> list[StepBatch]:
+        """One greedy batch per token bucket (writes nothing to the cache), with `blocks` block-table
+        columns (default: up to 16)."""
         from kiln.runtime.batch import SeqChunk, prepare_inputs
 
         out, T = [], 16
         while True:
             S = min(T, self.max_num_seqs)
             inputs, _ = prepare_inputs([SeqChunk([0], 0, [0])], self.block_size, pad_tokens=T, pad_seqs=S,
-                                       pad_blocks=min(self.max_blocks, 16), pad_logits=S)
+                                       pad_blocks=min(self.max_blocks, blocks or 16), pad_logits=S)
             inputs["slot_mapping"][:] = -1  # writes nothing
             out.append(StepBatch(-10, inputs, np.full(T, -1, np.int32), _dummy_sampling(S), True, 0, 1))
             if T >= self.max_num_tokens:
@@ -276,6 +277,20 @@ class Runner:
         batches = self._warmup_batches()
         decode = bucket(self.max_num_seqs, 16)
         return [b for b in batches[:-1] if len(b.inputs["token_ids"]) <= decode] + batches[-1:]
+
+    def precompile_seen(self, workers: int = 8) -> int:
+        """Compile every token bucket greedy steps may take at each block-table width compiled so
+        far (a benchmark's warm-up meets only some of the token buckets its timed run will).
+        Returns how many were compiled."""
+        widths = sorted({k[1] for k in self._executables} | {k[1] for k in self._pending})
+        missing = {}
+        for w in widths:
+            for b in self._warmup_batches(blocks=w):
+                if b.shape_key not in self._executables and b.shape_key not in self._pending:
+                    missing[b.shape_key] = b
+        if missing:
+            self.precompile(workers, list(missing.values()))
+        return len(missing)
 
     def warmup(self) -> None:
         """Compile the greedy step for every token bucket now, not on first use."""

@@ -31,3 +31,23 @@ def test_bench_bad_dataset_is_one_line(tmp_path, ckpt, capsys):
     bad.write_text('{"prompt": "hi"}\n{"nope": 1}\n')
     code = main(["bench", str(ckpt), "--dataset", str(bad), "--dtype", "float32", "--num-kv-blocks", "16"])
     assert code == 2 and "d.jsonl:2" in capsys.readouterr().err
+
+
+def test_warmup_leaves_no_token_bucket_to_compile(ckpt):
+    """After `precompile_seen` (what the bench warm-up ends with) a run whose steps take other
+    token buckets than the warm-up's compiles nothing: no compile inside the timed run."""
+    from kiln import LLM, SamplingParams
+
+    llm = LLM(str(ckpt), dtype="float32", num_kv_blocks=64, max_num_seqs=4, max_num_tokens=64, max_model_len=64,
+              attention="reference")
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    seen = set(llm.runner._executables)
+    n = llm.runner.precompile_seen()
+    assert n == len(set(llm.runner._executables) - seen) > 0
+    assert sorted({k[0] for k in llm.runner._executables}) == [16, 32, 64]
+    compiles = []
+    orig = llm.runner._lower_compile
+    llm.runner._lower_compile = lambda b: compiles.append(b.shape_key) or orig(b)
+    prompts = [[3 + i] * (9 + 4 * i) for i in range(4)]  # 54 prompt tokens in one step, then 4..1 decoding
+    out = llm.generate(prompts, [SamplingParams(max_tokens=2 + i, temperature=0) for i in range(4)], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [2, 3, 4, 5] and compiles == []
