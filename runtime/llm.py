@@ -16,7 +16,6 @@ graph and its weights, and a sharding plan places them, before the runner takes 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -250,16 +249,14 @@ class LLM:
         cache in the background (shapes only), while the weights' restore completes."""
         self.runner.set_compiler_options(bc.compiler_options)
         if self._restore is not None:
-            when = os.environ.get("KILN_PRELOAD", "beside")  # beside | after | off: when the build buckets are fetched
-            if when == "beside":
-                self.runner.preload(self.runner.build_batches())
+            # the build buckets' executables fetched beside the restore (H100: fetching them after it, or
+            # only on first use, started 1-3 s slower; BENCHMARKS.md, issue #6)
+            self.runner.preload(self.runner.build_batches())
             self.runner.kv  # noqa: B018  (the pools are allocated while the weights arrive)
             self.params = self.runner.params = self._restore.result()
             self._restore = None
             self._log(f"weights restored in {time.perf_counter() - self._restore_t0:.1f} s "
                       f"(build buckets fetched by then: {self.runner.preloaded()})")
-            if when == "after":
-                self.runner.preload(self.runner.build_batches())
 
     # -- generation
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
