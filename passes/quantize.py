@@ -102,10 +102,10 @@ def source_int4_group(w) -> int | None:
 
 def int4_groups(graph: Graph, params: dict | None, group: int | None = None, exclude=("lm_head", "router")) -> dict:
     """The int4 group of every quantizable weight: `group` when given (halved until it divides
-    the input dim); by default the group of the 4-bit grid the weight already lies on (re-rounding
-    a 4-bit checkpoint onto another grid loses what no calibration recovers: SmolLM2's Q4_1 g32
-    weights at g64 cost +20% perplexity, at g32 nothing; BENCHMARKS.md), else INT4_GROUP halved
-    until it divides the input dim (576 inputs: 64)."""
+    the input dim); by default the group of the 4-bit grid the weight already lies on
+    (re-rounding a 4-bit checkpoint onto another grid loses what no calibration recovers:
+    SmolLM2's Q4_1 g32 weights at g64 cost +16% to +32% perplexity whatever the method, at g32
+    nothing; BENCHMARKS.md), else INT4_GROUP halved until it divides the input dim (576: 64)."""
     out = {}
     for _, w in _targets(graph, exclude):
         src = source_int4_group(params[w]) if group is None and params is not None and w in params else None
