@@ -12,7 +12,8 @@ arithmetic, as the fp32 graph runs it).
        bits, each projection kind kept, the first / last layers kept.
 
     python benchmarks/fp8_sensitivity_smollm2.py [--top 1,2,4,8,16,32,60] [--rank-windows 3] [--out FILE.json]
-                                                 [--act-aware] [--no-ranking]
+        [--act-aware] [--no-ranking | --ranking EARLIER.json] [--no-kind-rows] [--also-text FILE]
+        [--gptq-cache FILE.npz]
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def main():
     ap.add_argument("--act-aware", action="store_true",
                     help="also GPTQ against the moments of the e4m3-rounded inputs the W8A8 matmuls see")
     ap.add_argument("--no-ranking", action="store_true", help="skip the per-module ranking and its rows")
+    ap.add_argument("--no-kind-rows", dest="kind_rows", action="store_false",
+                    help="skip the rows that keep a whole projection kind or the first and last layers")
+    ap.add_argument("--ranking", default=None, help="the ranking of an earlier run's --out file instead of measuring it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -150,8 +154,11 @@ def main():
         return
 
     t = time.time()
-    base = nll(calib_ids, rank_spans, gptq_w)
-    gain = {k: base - nll(calib_ids, rank_spans, gptq_w, off={k}) for k in gates}
+    if args.ranking:   # an earlier run's --out
+        gain = json.loads(Path(args.ranking).read_text())["gain"]
+    else:
+        base = nll(calib_ids, rank_spans, gptq_w)
+        gain = {k: base - nll(calib_ids, rank_spans, gptq_w, off={k}) for k in gates}
     order = sorted(gates, key=lambda k: -gain[k])
     print(f"ranking ({len(gates)} modules, {args.rank_windows} windows of calibration text): {time.time() - t:.0f} s")
     for k in order[:12]:
@@ -162,10 +169,11 @@ def main():
 
     for k in [int(x) for x in args.top.split(",")]:
         row(f"W8A8, top {k} calibration-ranked inputs 16-bit", gptq_w, off=set(order[:k]))
-    for kind in kinds:
+    for kind in kinds if args.kind_rows else ():
         row(f"W8A8, every {kind} input 16-bit", gptq_w, off={k for k in gates if k.split(".")[2] == kind})
     n_layers = 1 + max(int(k.split(".")[1]) for k in gates)
-    row("W8A8, layers 0 and last 16-bit", gptq_w, off={k for k in gates if int(k.split(".")[1]) in (0, n_layers - 1)})
+    if args.kind_rows:
+        row("W8A8, layers 0 and last 16-bit", gptq_w, off={k for k in gates if int(k.split(".")[1]) in (0, n_layers - 1)})
     if args.out:
         Path(args.out).write_text(json.dumps(dict(rows=rows, gain=gain, order=order), indent=1))
 
