@@ -81,7 +81,8 @@ def main():
 
     res["build_peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
     res["build_log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("[build]")]
-    print("build", res["build_s"], "peak host RSS GB", round(res["build_peak_host_rss_gb"], 2), "\n".join(res["build_log"]), r.stderr[-1500:] if r.returncode else "", flush=True)
+    print("build", res["build_s"], "peak host RSS GB", round(res["build_peak_host_rss_gb"], 2),
+          "\n".join(res["build_log"]), r.stderr[-1500:] if r.returncode else "", flush=True)
     res["engine_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.engine) for f in fs)
     kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_tokens=2048, max_model_len=2304, gpu_memory_utilization=0.85)
     runs = [("warm_start", a.engine, {}, None), ("warm_start_2", a.engine, {}, None)]

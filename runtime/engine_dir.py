@@ -53,7 +53,8 @@ class BuildConfig:
     num_kv_blocks: int | None = None       # the KV pool (fixed at build: it is part of the compiled shapes)
     gpu_memory_utilization: float = 0.9    # sizes the pool when num_kv_blocks is None
     attention: str = "auto"
-    compiler_options: dict | None = None  # XLA options of every step compile (None: the default rule; after the build: those in effect)
+    # XLA options of every step compile (None: the default rule; after the build: those in effect)
+    compiler_options: dict | None = None
     autotune_budget_s: float | None = 20.0  # quantized-matmul autotune (runtime/autotune.py); None: none
     passes: list[str] = field(default_factory=list)  # filled by the build: the passes that ran
 
