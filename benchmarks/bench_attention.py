@@ -198,8 +198,8 @@ def prefill_mgpu(rng, res, log, mm):
     q2k = jax.ShapeDtypeStruct((2048, H, D), jnp.bfloat16)
     pool = jax.ShapeDtypeStruct((KVH, 128, PAGE, D), jnp.bfloat16)
     log(f"dispatch: hopper() {attn.hopper()}, 2k-token prefill step over 8 sequence rows goes to Mosaic GPU: "
-        f"{attn._use_mgpu('pallas', q2k, pool, 8, None, None)}, over 1024 rows: "
-        f"{attn._use_mgpu('pallas', q2k, pool, 1024, None, None)}")
+        f"{attn._use_mgpu('pallas', q2k, pool, (8, 1), None, None)}, over 1024 rows: "
+        f"{attn._use_mgpu('pallas', q2k, pool, (1024, 1), None, None)}")
     cfgs = [MgpuConfig(64, 3), MgpuConfig(64, 2), MgpuConfig(64, 4), MgpuConfig(128, 2), MgpuConfig(128, 3)]
     for ql in ([2048], [4096], [8192], [2048] * 4):
         log(f"prefill {ql}")

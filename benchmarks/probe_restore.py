@@ -45,6 +45,8 @@ def main():
         from kiln.runtime.engine_dir import _checkpointer
 
         names = list(manifest["params"])
+        dev0 = jax.devices()[0]
+        pinned = jax.sharding.SingleDeviceSharding(dev0, memory_kind="pinned_host")
         for rep in range(2):
             t = time.perf_counter()
             host = _checkpointer().restore(Path(a.engine) / "weights", args=ocp.args.PyTreeRestore(
@@ -56,8 +58,6 @@ def main():
             res[f"host_read_{rep}_s"], res[f"h2d_{rep}_s"] = t_read, t_h2d
             print("host", rep, t_read, t_h2d, file=sys.stderr, flush=True)
             # the same arrays through pinned host memory: numpy -> pinned_host (a host copy), then one DMA
-            dev0 = jax.devices()[0]
-            pinned = jax.sharding.SingleDeviceSharding(dev0, memory_kind="pinned_host")
             try:
                 t = time.perf_counter()
                 hp = jax.block_until_ready(jax.device_put([host[n] for n in names], pinned))
@@ -79,10 +79,6 @@ def main():
             del host, dev
         # orbax restoring straight into pinned host arrays, then one device_put of the tree
         try:
-            from kiln.runtime.engine_dir import weight_shapes
-
-            dev0 = jax.devices()[0]
-            pinned = jax.sharding.SingleDeviceSharding(dev0, memory_kind="pinned_host")
             for rep in range(2):
                 t = time.perf_counter()
                 hp = restore_weights(a.engine, manifest, {n: pinned for n in names}, threads=4)

@@ -268,9 +268,9 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     # bytes in flight per restore: small enough that the host staging of the copies to the device
     # stays small (H100, 8B shape: 2 GB x 4 restores, warm start 8.4 -> 7.4 s), never under the
     # largest array (orbax refuses an array larger than its budget)
-    largest = max((int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in target.values()), default=0)
-    restore_gb = max(int(os.environ.get("KILN_RESTORE_CONCURRENT_GB") or 2), -(-largest // 10**9))
-    parts = _balanced_parts(target, threads)
+    sizes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in target.items()}
+    restore_gb = max(int(os.environ.get("KILN_RESTORE_CONCURRENT_GB") or 2), -(-max(sizes.values(), default=0) // 10**9))
+    parts = _balanced_parts(sizes, threads)
 
     def restore(names):
         item = {n: target[n] for n in names}
@@ -300,12 +300,9 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     return params
 
 
-def _balanced_parts(target: dict, n: int) -> list[list[str]]:
-    """`target`'s names in at most `n` groups of about equal bytes (largest first, each to the
-    lightest group)."""
-    import numpy as np
-
-    sizes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in target.items()}
+def _balanced_parts(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """The names of `sizes` (name -> bytes) in at most `n` groups of about equal bytes (largest
+    first, each to the lightest group)."""
     groups = [([], 0) for _ in range(max(1, min(n, len(sizes))))]
     for k in sorted(sizes, key=lambda k: (-sizes[k], k)):
         i = min(range(len(groups)), key=lambda j: groups[j][1])

@@ -98,7 +98,10 @@ class LLM:
             bc = self._load_engine(model, attention)
             tp, pp, kv_block_size, num_kv_blocks = bc.tp, bc.pp, bc.kv_block_size, bc.num_kv_blocks
             max_model_len, max_num_seqs, max_num_tokens = bc.max_model_len, bc.max_num_seqs, bc.max_num_tokens
+            compiler_options = None  # the build's, set by _finish_engine_load
         else:
+            if compiler_options is None:
+                compiler_options = default_compiler_options(quantization)
             from kiln.runtime.kernels.quant_matmul import set_tuned_table
 
             set_tuned_table(None)  # no engine, no autotune table: the static rule
@@ -128,8 +131,7 @@ class LLM:
                              step_fn=sharded.raw_step if sharded else None,
                              allocate_kv=sharded.allocate_kv_cache if sharded else None,
                              kv_shards=tp * pp, activation_bytes=self._activation_bytes(),
-                             compiler_options=None if is_engine_dir(model) else
-                             default_compiler_options(quantization) if compiler_options is None else compiler_options, **kw)
+                             compiler_options=compiler_options, **kw)
         if is_engine_dir(model):
             self._finish_engine_load(bc)
         if warmup:

@@ -267,7 +267,7 @@ class Runner:
 
     def preloaded(self) -> str:
         """'done of fetched' for the executables `preload` fetches (a progress line for logs)."""
-        pending = [f for f in self._pending.values()]
+        pending = list(self._pending.values())
         return f"{sum(f.done() for f in pending) + len(self._executables)} of {len(pending) + len(self._executables)}"
 
     def build_batches(self) -> list[StepBatch]:

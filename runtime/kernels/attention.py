@@ -140,8 +140,6 @@ def _use_mgpu(impl, q, k_pool, block_tables_shape, sliding_window, soft_cap) -> 
 
     t, h, d = q.shape
     kvh, _, page, _ = k_pool.shape
-    if isinstance(block_tables_shape, int):  # a sequence count alone: one block per sequence
-        block_tables_shape = (block_tables_shape, 1)
     num_seqs = block_tables_shape[0]
     ok = mg.supported(q_dtype=q.dtype, kv_dtype=k_pool.dtype, head_dim=d, block_size=page, group=h // kvh,
                       sliding_window=sliding_window, soft_cap=soft_cap)
@@ -152,21 +150,21 @@ def _use_mgpu(impl, q, k_pool, block_tables_shape, sliding_window, soft_cap) -> 
                               f"{k_pool.dtype}, head_dim {d}, kv_block_size {page}); use attention='pallas'")
         return True
     return (ok and t >= MGPU_MIN_TOKENS and t >= MGPU_TOKENS_PER_SEQ * num_seqs and hopper()
-            and lowers(mg.paged_prefill, q, k_pool, num_seqs, block_tables_shape))
+            and lowers(mg.paged_prefill, q, k_pool, block_tables_shape))
 
 
 _LOWERS: dict = {}
 
 
-def lowers(kernel, q, k_pool, num_seqs: int, block_tables_shape=None, **kw) -> bool:
+def lowers(kernel, q, k_pool, block_tables_shape, **kw) -> bool:
     """Whether Mosaic GPU lowers `kernel` for these shapes (cached per shape): under "pallas" a
     shape it rejects goes to the Triton kernel instead of failing the whole step's compile (jax
     0.11.2's layout inference asserted on a real model step's pools that the kernel benchmark
     never met). The probe lowers the kernel alone, from shapes only."""
-    key = (kernel, q.shape, str(q.dtype), k_pool.shape, str(k_pool.dtype), num_seqs)
+    s, b = block_tables_shape
+    key = (kernel, q.shape, str(q.dtype), k_pool.shape, str(k_pool.dtype), (s, b))
     if key not in _LOWERS:
         i32 = jnp.int32
-        s, b = num_seqs, block_tables_shape[1] if block_tables_shape else 1
         args = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
                 jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct((q.shape[0],), i32),
                 jax.ShapeDtypeStruct((s, b), i32), jax.ShapeDtypeStruct((s,), i32), jax.ShapeDtypeStruct((s + 1,), i32))

@@ -80,15 +80,15 @@ def test_supported_cases():
 def test_dispatch(monkeypatch):
     q = jax.ShapeDtypeStruct((2048, 32, 128), jnp.bfloat16)
     pool = jax.ShapeDtypeStruct((8, 256, 16, 128), jnp.bfloat16)
-    assert not attn._use_mgpu("pallas", q, pool, 4, None, None)  # CPU: not Hopper
+    assert not attn._use_mgpu("pallas", q, pool, (4, 1), None, None)  # CPU: not Hopper
     monkeypatch.setattr(attn, "hopper", lambda: True)
     monkeypatch.setattr(attn, "lowers", lambda *a, **k: True)
-    assert attn._use_mgpu("pallas", q, pool, 4, None, None)        # prefill-heavy on Hopper
-    assert not attn._use_mgpu("pallas", q, pool, 1024, None, None)  # 2 tokens per sequence row: Triton
-    assert not attn._use_mgpu("pallas", q, pool, 4, 4096, None)     # a window: Triton
-    assert attn._use_mgpu("mgpu", q, pool, 1024, None, None)        # forced
+    assert attn._use_mgpu("pallas", q, pool, (4, 1), None, None)        # prefill-heavy on Hopper
+    assert not attn._use_mgpu("pallas", q, pool, (1024, 1), None, None)  # 2 tokens per sequence row: Triton
+    assert not attn._use_mgpu("pallas", q, pool, (4, 1), 4096, None)     # a window: Triton
+    assert attn._use_mgpu("mgpu", q, pool, (1024, 1), None, None)        # forced
     with pytest.raises(ConfigError, match="Mosaic GPU"):
-        attn._use_mgpu("mgpu", q, pool, 4, None, 30.0)
+        attn._use_mgpu("mgpu", q, pool, (4, 1), None, 30.0)
     assert attn.resolve_impl("triton", head_dim=128, block_size=16) == "triton"
     assert attn.resolve_impl("mgpu", head_dim=128, block_size=16) == "mgpu"
 
@@ -108,10 +108,10 @@ def test_dispatch_falls_back_where_mosaic_does_not_lower(monkeypatch):
         return q
 
     monkeypatch.setattr(attn, "_LOWERS", {})
-    assert not attn.lowers(rejecting, q, pool, 256, (256, 16))
-    assert not attn.lowers(rejecting, q, pool, 256, (256, 16))
+    assert not attn.lowers(rejecting, q, pool, (256, 16))
+    assert not attn.lowers(rejecting, q, pool, (256, 16))
     assert calls == [(256, 16)]  # probed once
-    assert attn.lowers(fine, q, pool, 256, (256, 16))
+    assert attn.lowers(fine, q, pool, (256, 16))
     monkeypatch.setattr(attn, "hopper", lambda: True)
     monkeypatch.setattr(mg, "paged_prefill", rejecting)
     assert not attn._use_mgpu("pallas", q, pool, (8, 16), None, None)
