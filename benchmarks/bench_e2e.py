@@ -42,7 +42,7 @@ def kiln_part(preset, quick, extra, quant=None, workloads=None, scale=1.0, deadl
     extra = {"max_num_seqs": 512, "max_num_tokens": 4096, **extra}
     llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_model_len=2304, **extra)
     res = {"_load_s": time.time() - t0, "_quant": quant or "bf16", "_compile_s_at_load": llm.runner.compile_seconds,
-           "_engine": {**{k: extra.get(k) for k in ("max_num_seqs", "max_num_tokens", "kv_cache_dtype")},
+           "_engine": {**{k: extra.get(k) for k in ("max_num_seqs", "max_num_tokens", "kv_cache_dtype", "tp")},
                        "compiler_options": llm.runner.compiler_options, "kv_blocks": llm.runner.num_blocks}}
     names = workloads or (list(WORKLOADS)[:2] if quick else list(WORKLOADS))
     for name in names:
@@ -139,10 +139,13 @@ def main():
     ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
                     help="XLA option of the step compiles (repeatable; default: Kiln's rule)")
     ap.add_argument("--kv-cache-dtype", default=None, help="fp8: e4m3 KV cache")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (kiln part)")
     ap.add_argument("--tag", default="", help="suffix of the result file name (bench_e2e_kiln_<quant><tag>.json)")
     a = ap.parse_args()
     extra = {"attention": a.attention} if a.attention else {}
     extra.update(max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens)
+    if a.tp > 1:
+        extra["tp"] = a.tp
     if a.kv_cache_dtype:
         extra["kv_cache_dtype"] = a.kv_cache_dtype
     if a.compiler_option:

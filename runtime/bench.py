@@ -176,15 +176,19 @@ def run_serving(llm, reqs: list[BenchRequest], rate: float, seed: int = 0) -> di
 
 def decode_roofline(llm, batch: int, context: int, bandwidth: float) -> dict:
     """Tokens/s a decode step at `batch` sequences of `context` tokens could reach if it only
-    streamed its bytes (all weights once + each sequence's K/V) at `bandwidth` bytes/s."""
+    streamed its bytes (all weights once + each sequence's K/V) at `bandwidth` bytes/s per
+    device, over the devices the model is split across (tensor / pipeline parallel)."""
     import jax
+
+    sharded = getattr(llm, "sharded", None)
+    devices = sharded.mesh.size if sharded is not None else 1
 
     weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(llm.params))
     kv_item = np.dtype(llm.runner.kv[0]["k"].dtype).itemsize
     kv_bytes = batch * context * sum(2 * kv.num_kv_heads * kv.head_dim * kv_item for kv in llm.graph.kv_layers)
-    step_s = (weight_bytes + kv_bytes) / bandwidth
+    step_s = (weight_bytes + kv_bytes) / (bandwidth * devices)
     return {"roofline_batch": batch, "roofline_context": context, "weight_bytes": weight_bytes,
-            "kv_bytes_per_step": kv_bytes, "hbm_bandwidth_GBps": bandwidth / 1e9,
+            "kv_bytes_per_step": kv_bytes, "hbm_bandwidth_GBps": bandwidth / 1e9, "devices": devices,
             "roofline_step_ms": step_s * 1e3, "roofline_output_tokens_per_s": batch / step_s}
 
 
