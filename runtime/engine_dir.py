@@ -128,9 +128,14 @@ class EngineWriter:
 
         self._save_error = None
 
+        # device-to-host copies bounded (KILN_SAVE_CONCURRENT_GB, default 2): the build holds a
+        # few arrays of the weights on the host at a time, never the whole model
+        sizes = {k: int(v.size) * v.dtype.itemsize for k, v in params.items()}
+        save_gb = _concurrent_gb("KILN_SAVE_CONCURRENT_GB", sizes)
+
         def save():
             try:
-                ckptr = _checkpointer()
+                ckptr = _checkpointer(save_host_gb=save_gb)
                 ckptr.save(self.tmp / "weights", args=ocp.args.PyTreeSave(params))
             except BaseException as e:  # re-raised by wait()
                 self._save_error = e
@@ -269,7 +274,7 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     # stays small (H100, 8B shape: 2 GB x 4 restores, warm start 8.4 -> 7.4 s), never under the
     # largest array (orbax refuses an array larger than its budget)
     sizes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in target.items()}
-    restore_gb = max(int(os.environ.get("KILN_RESTORE_CONCURRENT_GB") or 2), -(-max(sizes.values(), default=0) // 10**9))
+    restore_gb = _concurrent_gb("KILN_RESTORE_CONCURRENT_GB", sizes)
     parts = _balanced_parts(sizes, threads)
 
     def restore(names):
@@ -310,13 +315,26 @@ def _balanced_parts(sizes: dict[str, int], n: int) -> list[list[str]]:
     return [g for g, _ in groups if g]
 
 
-def _checkpointer(restore_concurrent_gb: int | None = None):
+def _concurrent_gb(env: str, sizes: dict[str, int], default: int = 2) -> int:
+    """GB an orbax save or restore may hold in flight: `env` or `default`, never under the
+    largest array (orbax refuses an array larger than its budget)."""
+    return max(int(os.environ.get(env) or default), -(-max(sizes.values(), default=0) // 10**9))
+
+
+def _checkpointer(restore_concurrent_gb: int | None = None, save_host_gb: int | None = None):
     """orbax's PyTree checkpointer over zarr3 + OCDBT, without zstd compression;
-    `restore_concurrent_gb` bounds the bytes a restore holds in flight (orbax's default: 96)."""
+    `restore_concurrent_gb` bounds the bytes a restore holds in flight (orbax's default: 96),
+    `save_host_gb` the device-to-host copies of a save (an orbax without that option saves
+    unbounded)."""
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False,
-                                                        restore_concurrent_gb=restore_concurrent_gb))
+    kw = dict(use_zarr3=True, use_compression=False, restore_concurrent_gb=restore_concurrent_gb)
+    if save_host_gb is not None:
+        try:
+            return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**kw, save_device_host_concurrent_gb=save_host_gb))
+        except TypeError:
+            pass
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**kw))
 
 
 def use_compile_cache(directory: str | os.PathLike):
