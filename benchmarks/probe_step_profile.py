@@ -138,7 +138,7 @@ def trace_summary(logdir: str, sources: dict[str, str], steps: int, top: int = 3
 
 
 def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, preset: str = "llama-3-8b",
-                max_num_seqs: int = 256) -> dict:
+                max_num_seqs: int = 256, kv_cache_dtype: str | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -147,7 +147,8 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
     from kiln import LLM
     from kiln.runtime.sampling_params import SamplingParams
 
-    rep: dict = {"quant": quant or "bf16", "phases": {"transforms": []}}
+    rep: dict = {"quant": (quant or "bf16") + (f"_kv{kv_cache_dtype}" if kv_cache_dtype else ""),
+                 "phases": {"transforms": []}}
     orig_rp, orig_tr = loader.random_params, pipeline._apply_transforms
 
     def rp(*a, **k):
@@ -165,7 +166,7 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
     loader.random_params, pipeline._apply_transforms = rp, tr
     t = time.perf_counter()
     llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_num_seqs=max_num_seqs, max_num_tokens=2048,
-              max_model_len=2304, gpu_memory_utilization=mem_util,
+              max_model_len=2304, gpu_memory_utilization=mem_util, kv_cache_dtype=kv_cache_dtype,
               **({"num_kv_blocks": int(os.environ["PROBE_KV_BLOCKS"])} if "PROBE_KV_BLOCKS" in os.environ else {}))
     rep["phases"]["llm_init_s"] = time.perf_counter() - t
     log("init", rep["phases"])
@@ -376,13 +377,14 @@ def main():
     ap.add_argument("--mlp-dims", default="32,4096,14336", help="layers,embed,mlp")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.55)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--kv-cache-dtype", default=None, help="fp8: e4m3 KV cache")
     a = ap.parse_args()
     if a.mlp:
         rep, name = mlp_part(*[int(v) for v in a.mlp_dims.split(",")]), "mlp"
     else:
         q = None if a.quant == "none" else a.quant
         rep, name = engine_part(q, a.isl, a.osl, a.num_requests, a.gpu_memory_utilization, a.preset,
-                                  a.max_num_seqs), a.quant
+                                  a.max_num_seqs, a.kv_cache_dtype), a.quant + (f"_kv{a.kv_cache_dtype}" if a.kv_cache_dtype else "")
     with open(os.path.join(OUT, f"profile_{name}.json"), "w") as f:
         json.dump(rep, f, indent=1, default=str)
 
