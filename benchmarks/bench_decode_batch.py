@@ -1,0 +1,142 @@
+"""Decode attention at serving batch sizes: many sequences, short contexts (issue #8).
+
+    python3 benchmarks/bench_decode_batch.py [--seqs 512] [--ctx 160,256,1024] [--fp8] [--wide]
+
+The throughput benchmark's decode step (512 sequences of ~130-260 tokens, Llama-3-8B heads)
+spends ~3.6 ms of ~16 ms in the Triton decode kernel (probe_step_profile.py): about half of
+the HBM rate its K/V bytes allow. This times, on the same inputs, the kernel with the
+config `choose_config` picks and with every config of a small sweep (block_k, warps, stages),
+the kernel alone and the whole op (tile metadata, q relayout, output gather), as K/V GB/s
+beside the device's copy bandwidth measured in the same run. Writes decode_batch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kiln.runtime.kernels.ragged_paged_attention import (KernelConfig, choose_config, kernel_call, kernel_inputs,
+                                                         ragged_paged_attention)
+
+KVH, H, D, PAGE = 8, 32, 128, 16
+OUT = os.environ.get("OUT", ".")
+INTERPRET = False  # --smoke: interpret mode on the CPU (a dry run of this script)
+
+
+def bench(f, *args, reps: int = 5) -> float:
+    jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    n = int(min(200, max(5, 0.1 / max(time.perf_counter() - t0, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    x = jnp.ones(1 << (16 if INTERPRET else 28), jnp.float32)
+    return 2 * x.nbytes / bench(jax.jit(lambda a: a + 1), x)
+
+
+def inputs(seqs: int, ctx: int, dtype, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    width = -(-ctx // PAGE)
+    nb = seqs * width + 16
+    perm = rng.permutation(nb)[: seqs * width].reshape(seqs, width).astype(np.int32)
+    kd = jnp.float8_e4m3fn if dtype == "fp8" else jnp.bfloat16
+    k = jax.random.normal(jax.random.PRNGKey(1), (KVH, nb, PAGE, D), jnp.float32).astype(kd)
+    v = jax.random.normal(jax.random.PRNGKey(2), (KVH, nb, PAGE, D), jnp.float32).astype(kd)
+    q = jax.random.normal(jax.random.PRNGKey(3), (seqs, H, D), jnp.float32).astype(jnp.bfloat16)
+    lens = jnp.asarray(rng.integers(ctx // 2, ctx + 1, seqs), jnp.int32)  # ragged: ctx/2 .. ctx
+    qsl = jnp.arange(seqs + 1, dtype=jnp.int32)
+    seq_ids = jnp.arange(seqs, dtype=jnp.int32)
+    kv_bytes = int(lens.sum()) * KVH * D * 2 * jnp.dtype(kd).itemsize
+    return q, k, v, seq_ids, jnp.asarray(perm), lens, qsl, kv_bytes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", default="512")
+    ap.add_argument("--ctx", default="160,256,1024")
+    ap.add_argument("--fp8", action="store_true", help="also e4m3 pools")
+    ap.add_argument("--wide", action="store_true", help="a wider sweep (block_k 16-128, 1-4 warps, 1-4 stages)")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, two configs")
+    a = ap.parse_args()
+    global INTERPRET
+    INTERPRET = a.smoke
+    bw = copy_bandwidth()
+    res = {"device": jax.devices()[0].device_kind, "copy_GBps": bw / 1e9, "cases": []}
+    print(f"device {res['device']}, copy {bw / 1e9:.0f} GB/s", flush=True)
+    sweep = list(itertools.product((32, 64, 128), (2, 4), (2, 3, 4)))
+    if a.smoke:
+        sweep = [(32, 4, 2), (64, 4, 3)]
+    elif a.wide:
+        sweep = list(itertools.product((16, 32, 64, 128), (1, 2, 4), (1, 2, 3, 4)))
+    for dtype in ["bf16"] + (["fp8"] if a.fp8 else []):
+        for seqs, ctx in itertools.product([int(x) for x in a.seqs.split(",")], [int(x) for x in a.ctx.split(",")]):
+            q, k, v, seq_ids, bt, lens, qsl, kv_bytes = inputs(seqs, ctx, dtype)
+            scales = dict(k_scale=jnp.float32(0.5), v_scale=jnp.float32(0.5)) if dtype == "fp8" else {}
+            default = choose_config(seqs, seqs, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE,
+                                    itemsize=2 if dtype == "bf16" else 1)
+            case = {"dtype": dtype, "seqs": seqs, "ctx_max": ctx, "kv_MB": kv_bytes / 1e6, "default": str(default)}
+
+            def whole(cfg):
+                return jax.jit(lambda q, k, v: ragged_paged_attention(q, k, v, seq_ids, bt, lens, qsl, scale=D ** -0.5,
+                                                                      config=cfg, interpret=INTERPRET, **scales))
+
+            ref_out = whole(default)(q, k, v)
+            t = bench(whole(default), q, k, v)
+            case["default_whole_us"], case["default_whole_GBps"] = t * 1e6, kv_bytes / t / 1e9
+            rows = []
+            for bk, warps, stages in sweep:
+                cfg = KernelConfig(block_q=default.block_q, block_k=bk, splits=1, num_warps=warps, num_stages=stages)
+                try:
+                    c, args, _ = kernel_inputs(q, k, bt, lens, qsl, config=cfg, **scales)
+                    f = jax.jit(lambda *xs: kernel_call(c, *xs, group=H // KVH, scale=D ** -0.5,
+                                                           interpret=INTERPRET))
+                    t = bench(f, *args, k, v)
+                except Exception as e:  # noqa: BLE001  (a config Triton cannot fit)
+                    rows.append({"block_k": bk, "warps": warps, "stages": stages, "error": str(e)[:120]})
+                    continue
+                rows.append({"block_k": bk, "warps": warps, "stages": stages, "kernel_us": t * 1e6,
+                             "GBps": kv_bytes / t / 1e9})
+            ok = [r for r in rows if "kernel_us" in r]
+            best = min(ok, key=lambda r: r["kernel_us"])
+            cur = next((r for r in ok if (r["block_k"], r["warps"], r["stages"]) ==
+                        (default.block_k, default.num_warps, default.num_stages)), None)
+            bcfg = KernelConfig(block_q=default.block_q, block_k=best["block_k"], splits=1, num_warps=best["warps"],
+                                num_stages=best["stages"])
+            out = whole(bcfg)(q, k, v)
+            err = float(jnp.linalg.norm((out - ref_out).astype(jnp.float32)) /
+                        jnp.linalg.norm(ref_out.astype(jnp.float32)))
+            t = bench(whole(bcfg), q, k, v)
+            case.update(sweep=rows, best=best, default_kernel=cur, best_whole_us=t * 1e6,
+                        best_whole_GBps=kv_bytes / t / 1e9, best_vs_default_rel_err=err)
+            res["cases"].append(case)
+            print(f"{dtype} seqs {seqs} ctx<={ctx} ({kv_bytes / 1e6:.0f} MB): default {default.block_k}/"
+                  f"{default.num_warps}w/{default.num_stages}s splits {default.splits}: kernel "
+                  f"{cur['kernel_us'] if cur else float('nan'):.1f} us, whole {case['default_whole_us']:.1f} us "
+                  f"({case['default_whole_GBps']:.0f} GB/s) | best {best['block_k']}/{best['warps']}w/"
+                  f"{best['stages']}s kernel {best['kernel_us']:.1f} us ({best['GBps']:.0f} GB/s), whole "
+                  f"{t * 1e6:.1f} us ({kv_bytes / t / 1e9:.0f} GB/s), err {err:.1e}", flush=True)
+            top = sorted(ok, key=lambda r: r["kernel_us"])[:6]
+            print("   top:", [(r["block_k"], r["warps"], r["stages"], round(r["kernel_us"], 1)) for r in top], flush=True)
+            with open(os.path.join(OUT, "decode_batch.json"), "w") as f:
+                json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
