@@ -66,8 +66,9 @@ def ceilings() -> dict:
     return {"copy_GBps": hbm / 1e9, "matmul_bf16_TFLOPs": 2 * n ** 3 / t / 1e12}
 
 
-def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, pool_dtype=None, page=PAGE, heads=(H, KVH), d=D):
-    """A ragged batch over freshly filled pools; pages of each sequence shuffled across the pool."""
+def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, pool_dtype=None, page=PAGE, heads=(H, KVH), d=D, pad_to=1):
+    """A ragged batch over freshly filled pools; pages of each sequence shuffled across the pool.
+    `pad_to`: padding tokens (sequence 0, position 0) up to a multiple of it, as the runner's buckets."""
     s = len(q_lens)
     (h, kvh), PAGE, D = heads, page, d  # noqa: N806
     pages = [-(-c // PAGE) for c in ctx_lens]
@@ -79,10 +80,11 @@ def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, pool_dtype=None, page=
     for i, p in enumerate(pages):
         tables[i, :p] = perm[o:o + p]
         o += p
-    t = sum(q_lens)
+    t = -(-sum(q_lens) // pad_to) * pad_to
     qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    seq_ids = np.repeat(np.arange(s), q_lens).astype(np.int32)
-    positions = np.concatenate([np.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)]).astype(np.int32)
+    seq_ids = np.r_[np.repeat(np.arange(s), q_lens), np.zeros(t - sum(q_lens))].astype(np.int32)
+    positions = np.r_[np.concatenate([np.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)]),
+                      np.zeros(t - sum(q_lens))].astype(np.int32)
     key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
     kq, kk, kv = jax.random.split(key, 3)
     pool_dtype = pool_dtype or dtype
@@ -142,16 +144,13 @@ def mgpu_fn(cfg=None):
 
     def f(b):
         return paged_prefill(b["q"], b["k"], b["v"], b["seq_ids"], b["tables"], b["ctx"], b["qsl"],
-                             scale=b["q"].shape[-1] ** -0.5, config=cfg)
+                             scale=b["q"].shape[-1] ** -0.5, config=cfg, interpret=INTERPRET)
     return jax.jit(f)
 
 
-def prefill_mgpu(rng, res, log, mm):
-    """Issue #4 (a): the Mosaic GPU paged prefill kernel against the fp32 reference on ragged shapes,
-    then prefill 2k/4k/8k/4x2k beside the Triton kernel, as TFLOP/s and % of the matmul ceiling."""
-    from kiln.runtime.kernels.paged_prefill_mgpu import MgpuConfig
-
-    try:  # jax 0.11's Mosaic layout inference asserts on some shapes: log the check's source and arguments
+def hook_layout_check(log):
+    """jax 0.11's Mosaic layout inference asserts on some shapes: log the check's source and arguments."""
+    try:
         import inspect
 
         from jax.experimental.mosaic.gpu import layout_inference as li
@@ -169,29 +168,15 @@ def prefill_mgpu(rng, res, log, mm):
     except Exception as e:  # noqa: BLE001
         log(f"(no layout check hook: {e})")
 
+
+def prefill_mgpu(rng, res, log, mm):
+    """Issue #4 (a): the Mosaic GPU paged prefill kernel against the fp32 reference on ragged shapes,
+    then prefill 2k/4k/8k/4x2k beside the Triton kernel, as TFLOP/s and % of the matmul ceiling."""
+    from kiln.runtime.kernels.paged_prefill_mgpu import MgpuConfig
+
+    hook_layout_check(log)
     default = MgpuConfig()
-    cases = [
-        ("ragged prefill + chunk + decode, GQA 4", [300, 77, 1, 129], [300, 900, 50, 1000], (32, 8), 128, 16),
-        ("GQA 1, head dim 64", [200, 65], [333, 65], (8, 8), 64, 16),
-        ("GQA 8, pages 32", [513, 3], [700, 3], (64, 8), 128, 32),
-        ("pages 256 > block_kv (slices of a page)", [400], [1000], (32, 8), 128, 256),
-    ]
-    runs = [(c, default, jnp.bfloat16) for c in cases] + [(cases[0], default, jnp.float16)]
-    runs += [(cases[0], c, jnp.bfloat16) for c in (MgpuConfig(64, 2), MgpuConfig(128, 2), MgpuConfig(128, 3))
-             if c != default]
-    for (name, ql, cx, heads, d, page), cfg, dt in runs:
-        try:
-            b = make_batch(rng, ql, cx, dt, page=page, heads=heads, d=d)
-            out = mgpu_fn(cfg)(b)
-            bf = {**b, "q": b["q"].astype(jnp.float32), "k": b["k"].astype(jnp.float32),
-                  "v": b["v"].astype(jnp.float32)}
-            err = rel_err(out, ref_fn()(bf), sum(ql))
-        except Exception:
-            err = float("nan")
-            log(" | ".join(traceback.format_exc().strip().splitlines()[-4:])[:600])
-        case = f"mgpu {name} {jnp.dtype(dt).name} {cfg}"
-        res["checks"].append({"case": case, "rel_err": err})
-        log(f"check {case}: rel err {err:.2e}")
+    mgpu_checks(rng, res, log, [(default, jnp.bfloat16), (default, jnp.float16)])
 
     from kiln.runtime.kernels import attention as attn
 
@@ -220,6 +205,87 @@ def prefill_mgpu(rng, res, log, mm):
                 row[k + "_pct"] = 100 * row[k + "_TFLOPs"] / mm
                 log(f"  {k}: {row[k + '_TFLOPs']:.0f} TFLOP/s = {row[k + '_pct']:.0f}% of matmul")
         res.setdefault("prefill_mgpu", []).append(row)
+
+
+MGPU_CASES = [  # (name, q lens, context lens, (q heads, kv heads), head dim, page)
+    ("ragged prefill + chunk + decode, GQA 4", [300, 77, 1, 129], [300, 900, 50, 1000], (32, 8), 128, 16),
+    ("GQA 1, head dim 64", [200, 65], [333, 65], (8, 8), 64, 16),
+    ("GQA 8, pages 32", [513, 3], [700, 3], (64, 8), 128, 32),
+    ("GQA 2, pages 256 > block_kv (slices of a page)", [400, 9], [1000, 9], (16, 8), 128, 256),
+]
+
+
+def mgpu_checks(rng, res, log, cfgs):
+    """The Mosaic GPU kernel (whole op) against the fp32 reference on upcast inputs, ragged shapes,
+    tokens padded to a multiple of 8 (the runner's buckets; `direct_q` needs it)."""
+    for (name, ql, cx, heads, d, page), (cfg, dt) in ((c, x) for x in cfgs for c in MGPU_CASES):
+        try:
+            b = make_batch(rng, ql, cx, dt, page=page, heads=heads, d=d, pad_to=8)
+            out = mgpu_fn(cfg)(b)
+            bf = {**b, "q": b["q"].astype(jnp.float32), "k": b["k"].astype(jnp.float32),
+                  "v": b["v"].astype(jnp.float32)}
+            err = rel_err(out, ref_fn()(bf), sum(ql))
+            pad = np.asarray(out[sum(ql):], np.float32)
+            err = err if not pad.size or not np.abs(pad).max() else float("nan")  # padding tokens are zeros
+        except Exception:
+            err = float("nan")
+            log(" | ".join(traceback.format_exc().strip().splitlines()[-4:])[:600])
+        case = f"mgpu {name} {jnp.dtype(dt).name} {cfg}"
+        res["checks"].append({"case": case, "rel_err": err})
+        log(f"check {case}: rel err {err:.2e}")
+
+
+def prefill_parts(rng, res, log, mm, sizes):
+    """Issue #4: where the Mosaic GPU prefill op's time goes. Per layout (q gathered by tile vs read
+    in place), each part timed alone (tile metadata, q relayout, kernel, output gather), the whole
+    op, and the op with the metadata computed beforehand (a model step computes it once for all
+    layers); the Triton kernel (whole op) beside it."""
+    from kiln.runtime.kernels import paged_prefill_mgpu as mg
+    from kiln.runtime.kernels.ragged_paged_attention import tile_metadata, tiles_to_tokens
+
+    group, gp = H // KVH, 4
+    bq = 128 // gp
+    layouts = {"by_tile": mg.MgpuConfig(128, 2, False), "direct": mg.MgpuConfig(128, 2, True)}
+    for ql in sizes:
+        log(f"prefill parts {ql}")
+        b = make_batch(rng, ql, ql, pad_to=8)
+        t, s, width = b["q"].shape[0], len(ql), b["tables"].shape[1]
+        flops = sum(4 * H * D * q * (q + 1) / 2 for q in ql)
+        row = {"q_lens": ql, "flops": flops, "triton": try_time("Triton kernel, whole op", kiln_fn(), b, log=log)}
+        for name, cfg in layouts.items():
+            direct = cfg.direct_q
+            nt = max(1, min(t, -(-t // bq) + (2 if direct else 1) * s))
+            mdf = jax.jit(lambda qsl, ctx, direct=direct, nt=nt: (
+                mg.aligned_tile_metadata if direct else tile_metadata)(qsl, ctx, bq, nt))
+            meta, first = mdf(b["qsl"], b["ctx"])
+            qf = jax.jit(lambda q, meta, direct=direct: q.reshape(t, H * D) if direct else mg.q_by_tile(q, meta, KVH, gp))
+            qg = qf(b["q"], meta)
+            tables = b["tables"].reshape(-1)
+            kf = jax.jit(lambda meta, tables, qg, k, v, cfg=cfg: mg.tile_call(
+                meta, tables, qg, k, v, width=width, group=group, scale=D ** -0.5, config=cfg, interpret=INTERPRET))
+            tiles = kf(meta, tables, qg, b["k"], b["v"])
+            of = jax.jit(lambda o, q, sid, qsl, first, direct=direct: (
+                mg.aligned_tiles_to_tokens if direct else tiles_to_tokens)(o, q, sid, qsl, first, bq, gp))
+
+            def layer(b, md, cfg=cfg):
+                return mg.paged_prefill(b["q"], b["k"], b["v"], b["seq_ids"], b["tables"], b["ctx"], b["qsl"],
+                                        scale=D ** -0.5, config=cfg, metadata=md, interpret=INTERPRET)
+            r = {"metadata": try_time(f"{name}: tile metadata", mdf, b["qsl"], b["ctx"], log=log),
+                 "q_relayout": None if direct else try_time(f"{name}: q relayout", qf, b["q"], meta, log=log),
+                 "kernel": try_time(f"{name}: kernel alone", kf, meta, tables, qg, b["k"], b["v"], log=log),
+                 "out_gather": try_time(f"{name}: output gather", of, tiles, b["q"], b["seq_ids"], b["qsl"], first,
+                                        log=log),
+                 "layer": try_time(f"{name}: op, metadata beforehand", jax.jit(layer), b, (meta, first), log=log),
+                 "whole": try_time(f"{name}: whole op", mgpu_fn(cfg), b, log=log)}
+            del qg, tiles
+            row[name] = r
+        for k, v in [("triton", row["triton"])] + [(f"{n}.{p}", row[n][p]) for n in layouts for p in
+                                                   ("kernel", "layer", "whole")]:
+            if v:
+                row[k + "_TFLOPs"] = flops / v / 1e12
+                log(f"  {k}: {v * 1e3:.3f} ms = {flops / v / 1e12:.0f} TFLOP/s = {100 * flops / v / 1e12 / mm:.0f}%")
+        b.clear()
+        res.setdefault("prefill_parts", []).append(row)
 
 
 def jax_paged_fn(ppcb: int, k_splits: int):
@@ -272,6 +338,9 @@ def main():
     ap.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU attention_mgpu on prefill")
     ap.add_argument("--prefill-mgpu", action="store_true",
                     help="only the Mosaic GPU prefill kernel: checks, prefill beside Triton")
+    ap.add_argument("--prefill-parts", action="store_true",
+                    help="only the Mosaic GPU prefill op taken apart (metadata, q relayout, kernel, output), "
+                         "two q layouts, checks")
     ap.add_argument("--decode-ctx", default="", help="comma-separated decode contexts (overrides the defaults)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -290,6 +359,17 @@ def main():
     log(f"device {res['device']}  jax {jax.__version__}")
     res["ceilings"] = cl = ceilings()
     log(f"ceilings: copy {cl['copy_GBps']:.0f} GB/s, bf16 matmul {cl['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    if args.prefill_parts:
+        from kiln.runtime.kernels.paged_prefill_mgpu import MgpuConfig
+
+        hook_layout_check(log)
+        mgpu_checks(rng, res, log, [(MgpuConfig(128, 2, False), jnp.bfloat16), (MgpuConfig(128, 2, True), jnp.bfloat16),
+                                    (MgpuConfig(128, 2, True), jnp.float16)])
+        sizes = [[64], [32, 24]] if args.smoke else [[2048], [2048] * 4, [4096], [8192]]
+        prefill_parts(rng, res, log, cl["matmul_bf16_TFLOPs"], sizes)
+        with open(os.path.join(args.out, "attention.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        return 0
     if args.prefill_mgpu:
         prefill_mgpu(rng, res, log, cl["matmul_bf16_TFLOPs"])
         with open(os.path.join(args.out, "attention.json"), "w") as f:

@@ -3,6 +3,7 @@ Pallas kernel against the same model on the plain-JAX reference attention, both 
 
     python3 benchmarks/check_kernel_model.py [--preset llama-tiny] [--steps 16] [--impl pallas]
     python3 benchmarks/check_kernel_model.py --model SmolLM2.gguf --prompts-file ids.json --tag smollm2
+    python3 benchmarks/check_kernel_model.py --params .tinymodel --prompts-file .tinymodel/prompts.json --tag tiny
 
 Four prompts of different lengths are prefilled in one ragged step (16-token pages shuffled
 across the pool), then decoded together, greedily, in fp32 and in bf16. Passes when the fp32
@@ -152,11 +153,21 @@ def main():
     ap.add_argument("--std", type=float, default=0.05, help="random weight scale (peakier logits than 0.02)")
     ap.add_argument("--prompt-lens", default="37,200,5,513")
     ap.add_argument("--model", help="a checkpoint directory or .gguf file instead of a random preset")
+    ap.add_argument("--params", help="a directory with model.npz (Kiln parameter names) and config.json, e.g. "
+                                     "the trained byte-level model of train_tiny_model.py")
     ap.add_argument("--prompts-file", help="JSON list of token-id lists (e.g. tokenized text) for the prompts")
     ap.add_argument("--tag", default="", help="suffix of the output file name: model_check_TAG.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    if args.model:
+    if args.params:
+        from kiln.models.config import ModelConfig
+
+        with open(os.path.join(args.params, "config.json")) as f:
+            cfg = ModelConfig.from_hf_dict(json.load(f), source=args.params)
+        graph = build_graph(cfg, "bfloat16")
+        with np.load(os.path.join(args.params, "model.npz")) as z:
+            params = {k: jnp.asarray(z[k], jnp.bfloat16) for k in z.files}
+    elif args.model:
         from kiln.models.loader import open_checkpoint
 
         ckpt = open_checkpoint(args.model)
@@ -182,8 +193,10 @@ def main():
     # bf16's own noise: the bf16 reference against the fp32 reference, first step (same inputs)
     _, l16 = run(graph, params, "reference", prompts, 1, 16, 0)
     noise = float(np.linalg.norm(l16[0] - l32[0]) / np.linalg.norm(l32[0]))
-    res = {"device": str(jax.devices()[0].device_kind), "model": args.model or f"random {args.preset}",
-           "std": None if args.model else args.std, "impl": args.impl,
+    # which shapes the dispatcher probed for the Mosaic GPU prefill kernel, and whether they lowered
+    probes = {f"q {k[1]} pool {k[3]} tables {k[5]}": ok for k, ok in attn_mod._LOWERS.items()}
+    res = {"mosaic_prefill_probes": probes, "device": str(jax.devices()[0].device_kind), "model": args.params or args.model or f"random {args.preset}",
+           "std": None if args.model or args.params else args.std, "impl": args.impl,
            "prompt_lens": [len(p) for p in prompts], "steps": args.steps, "bf16_noise_rel_err_step0": noise,
            "bfloat16": bf, "float32": f32}
     # fp32 (matmuls at full precision): identical greedy tokens, logits within 1e-3; bf16: logits

@@ -56,6 +56,7 @@ LOG2E = 1.4426950408889634
 class MgpuConfig:
     block_kv: int = 128      # keys per step: whole pages (a multiple of the page) or a slice of one page
     stages: int = 2          # depth of the K/V shared-memory ring (128 x 2: the H100 sweep's best, BENCHMARKS.md)
+    direct_q: bool = False   # q read by TMA straight from [T, H * D] (8-aligned tiles, head-major rows), no relayout
 
 
 def available() -> bool:
@@ -74,24 +75,30 @@ def supported(*, q_dtype, kv_dtype, head_dim: int, block_size: int, group: int, 
 
 
 def interpret_params():
-    """Mosaic GPU interpret mode (a CPU simulation of warpgroups, barriers and TMA) where jax has it."""
+    """Mosaic GPU interpret mode (a CPU simulation of warpgroups, barriers and TMA) where jax has it.
+    TMA reads past the end of q (the last tile of `direct_q`) fill the simulator's NaNs, where the
+    GPU fills zeros: either way only rows that are never read back."""
     from jax._src.pallas.mosaic_gpu.interpret import params
 
-    return params.InterpretGPUParams()
+    return params.InterpretGPUParams(out_of_bounds_reads="uninitialized_value")
 
 
-def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, block_kv: int, page: int,
-            width: int, num_tiles: int, stages: int, scale_log2: float, gpu: bool):
+def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, group: int, block_kv: int, page: int,
+            width: int, num_tiles: int, stages: int, scale_log2: float, gpu: bool, direct: bool):
     (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
-    head_dim = q_ref.shape[-1]
+    head_dim = k_ref.shape[-1]
     num_blocks = k_ref.shape[1]
     dtype = q_ref.dtype
     kvh = lax.axis_index("head")
     tile = num_tiles - 1 - lax.axis_index("tile")
     wg = lax.axis_index("wg")
-    seq, _, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
+    if direct:  # (seq, tile start / 8, first and end valid row, position of row 0); rows g * bq + t
+        seq, a8, lo, hi, pa = (meta_ref[5 * tile + i] for i in range(5))
+        tile_steps = jnp.where(hi > lo, (pa + hi + block_kv - 1) // block_kv, 0)
+    else:       # (seq, first token, tokens, position of the first); rows t * gp + g
+        seq, _, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
+        tile_steps = (p0 + nq + block_kv - 1) // block_kv    # key steps the tile needs (0 for an empty tile)
     tokens_per_wg = ROWS // gp
-    tile_steps = (p0 + nq + block_kv - 1) // block_kv    # key steps the tile needs (0 for an empty tile)
 
     def wgmma_layout(x, reduce: bool = False):  # register layouts; interpret mode has no layout_cast
         if not gpu:
@@ -112,12 +119,27 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, bl
         if gpu:
             plgpu.set_max_registers(232, action="increase")
         q_smem = q_smem2.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tile * TILE_ROWS + wg * ROWS, ROWS)], q_smem, q_ready.at[wg])
+        if direct:  # this warpgroup: tokens [t0, t0 + wn) of the tile x heads_wg heads, one TMA copy per head
+            bq = TILE_ROWS // gp
+            wn = min(ROWS, bq)
+            t0 = wg * ROWS if bq > ROWS else 0
+            g0 = 0 if bq > ROWS else wg * (ROWS // wn)
+            row0 = a8 * 8 + t0                                 # a visible multiple of 8 (TMA into tiled smem)
+            for j in range(ROWS // wn):
+                head = kvh * group + jnp.minimum(g0 + j, group - 1)   # padding heads repeat a real one
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, wn), pl.ds(head * head_dim, head_dim)],
+                                        q_smem.at[pl.ds(j * wn, wn)], q_ready.at[wg])
+            pos0 = pa + t0                                     # position of this warpgroup's row 0
+            v_lo, v_hi = jnp.maximum(lo, t0), jnp.minimum(hi, t0 + wn)
+            steps = jnp.where(v_hi > v_lo, (pa + v_hi + block_kv - 1) // block_kv, 0)
+            full = jnp.clip((pa + v_lo + 1) // block_kv, 0, steps)   # below the first valid row: no mask
+        else:
+            plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tile * TILE_ROWS + wg * ROWS, ROWS)], q_smem, q_ready.at[wg])
+            pos0 = p0 + wg * tokens_per_wg                        # position of this warpgroup's first token
+            n_wg = jnp.clip(nq - wg * tokens_per_wg, 0, tokens_per_wg)
+            steps = jnp.where(n_wg > 0, (pos0 + n_wg + block_kv - 1) // block_kv, 0)
+            full = jnp.clip((pos0 + 1) // block_kv, 0, steps)    # steps below the first token: no mask
         plgpu.barrier_wait(q_ready.at[wg])
-        pos0 = p0 + wg * tokens_per_wg                        # position of this warpgroup's first token
-        n_wg = jnp.clip(nq - wg * tokens_per_wg, 0, tokens_per_wg)
-        steps = jnp.where(n_wg > 0, (pos0 + n_wg + block_kv - 1) // block_kv, 0)
-        full = jnp.clip((pos0 + 1) // block_kv, 0, steps)    # steps below the first token: no mask
 
         m_i = wgmma_layout(jnp.full((ROWS,), NEG, jnp.float32), reduce=True)
         l_i = wgmma_layout(jnp.full((ROWS,), 0.0, jnp.float32), reduce=True)
@@ -146,7 +168,9 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, bl
                 take_turn()
             plgpu.barrier_arrive(k_free.at[slot])
             s = s * scale_log2                                                    # logits in log2 units
-            if masked:  # key k visible to row r iff k - pos0 <= r // gp  <=>  (k - pos0) * gp <= r
+            if masked and direct:  # row r is token pos0 + r % wn (head-major rows)
+                s = jnp.where(iota(1) + (step * block_kv - pos0) <= lax.rem(iota(0), jnp.int32(wn)), s, NEG)
+            elif masked:  # key k visible to row r iff k - pos0 <= r // gp  <=>  (k - pos0) * gp <= r
                 s = jnp.where((iota(1) + (step * block_kv - pos0)) * gp <= iota(0), s, NEG)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
@@ -260,11 +284,68 @@ def paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_
     group = h // kvh
     gp = 1 << max(0, (group - 1).bit_length())
     bq = TILE_ROWS // gp
+    tables = block_tables.astype(jnp.int32).reshape(-1)
+    if config.direct_q and t % 8 == 0:
+        num_tiles = max(1, min(-(-t // bq) + 2 * s, t))
+        meta, first_tile = metadata or aligned_tile_metadata(query_start_loc, context_lens, bq, num_tiles)
+        out = tile_call(meta, tables, q.reshape(t, h * d), k_pool, v_pool, width=width, group=group, scale=scale,
+                        config=config, interpret=interpret)
+        return aligned_tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
+    config = dataclasses.replace(config, direct_q=False)
     num_tiles = max(1, min(-(-t // bq) + s, t))
     meta, first_tile = metadata or tile_metadata(query_start_loc, context_lens, bq, num_tiles)
-    out = tile_call(meta, block_tables.astype(jnp.int32).reshape(-1), q_by_tile(q, meta, kvh, gp), k_pool, v_pool,
+    out = tile_call(meta, tables, q_by_tile(q, meta, kvh, gp), k_pool, v_pool,
                     width=width, group=group, scale=scale, config=config, interpret=interpret)
     return tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
+
+
+def aligned_tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int):
+    """Tiles for `direct_q`: each sequence's tiles start at its first token rounded down to a multiple
+    of 8 and step by block_q, so every q TMA copy starts at a row offset known to be a multiple of 8
+    (rows before the sequence's first token or past its last are computed and never read back).
+    Per tile (seq, start // 8, first valid row, end of the valid rows, position of row 0 (may be
+    negative)), flat int32 [num_tiles * 5]; tiles past the last real one have no valid rows.
+    Also `first_tile[S]`::
+
+        flat tokens   ... s0 | s1: 13 14 15 16 ... 52 | s2 ...        (block_q 32)
+        s1's tiles        [8 .. 40)  rows 5..31 valid,  [40 .. 72)  rows 0..12 valid
+    """
+    qsl = query_start_loc.astype(jnp.int32)
+    s = context_lens.shape[0]
+    start, end = qsl[:s], qsl[1:s + 1]
+    qlen = end - start
+    a0 = start // 8 * 8
+    ntile = jnp.where(qlen > 0, (end - a0 + block_q - 1) // block_q, 0)
+    ends = jnp.cumsum(ntile)
+    first = ends - ntile
+    j = jnp.arange(num_tiles, dtype=jnp.int32)
+    method = "compare_all" if num_tiles * s <= (1 << 22) else "scan"
+    seq = jnp.searchsorted(ends, j, side="right", method=method).astype(jnp.int32)
+    valid = seq < s
+    seq = jnp.minimum(seq, s - 1)
+    a = a0[seq] + (j - first[seq]) * block_q
+    lo = jnp.clip(start[seq] - a, 0, block_q)
+    hi = jnp.clip(end[seq] - a, 0, block_q)
+    pa = context_lens[seq].astype(jnp.int32) - qlen[seq] + a - start[seq]
+    z = jnp.zeros_like(j)
+    meta = jnp.stack([jnp.where(valid, x, z) for x in (seq, a // 8, lo, hi, pa)], axis=1)
+    return meta.reshape(-1), first
+
+
+def aligned_tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, block_q: int, gp: int):
+    """`direct_q` tile outputs [KVH, tiles, Gp * block_q, D] (row g * block_q + t) -> [T, H, D];
+    padding tokens are zeros."""
+    t, h, d = q.shape
+    kvh, num_tiles = out.shape[:2]
+    s = first_tile.shape[0]
+    out = out.reshape(kvh, num_tiles, gp, block_q, d)
+    seq = seq_ids.astype(jnp.int32)
+    i = jnp.arange(t, dtype=jnp.int32)
+    valid = i < query_start_loc[s]
+    local = jnp.where(valid, i - query_start_loc[seq] // 8 * 8, 0)
+    tile_of = jnp.where(valid, first_tile[seq] + local // block_q, 0)
+    res = out[:, tile_of, :h // kvh, local % block_q]                  # [T, KVH, G, D]
+    return jnp.where(valid[:, None, None], res.reshape(t, h, d), 0).astype(q.dtype)
 
 
 def q_by_tile(q, meta, kvh: int, gp: int):
@@ -286,19 +367,21 @@ def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale
               config: MgpuConfig = MgpuConfig(), interpret: bool = False):
     """The kernel alone: tile outputs [KVH, tiles, 128, D] in q's dtype (row r of a tile = token
     r // Gp, head r % Gp). `meta` from `tile_metadata` with block_q = 128 // Gp, `tables` flat
-    [S * width], `qg` = `q_by_tile(q, meta, KVH, Gp)`."""
+    [S * width], `qg` = `q_by_tile(q, meta, KVH, Gp)`. With `config.direct_q`: `meta` from
+    `aligned_tile_metadata`, `qg` = q as [T, H * D] (T a multiple of 8), rows g * block_q + t."""
     kvh, nb, page, d = k_pool.shape
     gp = 1 << max(0, (group - 1).bit_length())
-    num_tiles = meta.shape[0] // 4
+    direct = config.direct_q
+    num_tiles = meta.shape[0] // (5 if direct else 4)
+    q_copies = ROWS // min(ROWS, TILE_ROWS // gp) if direct else 1
     bkv, stages = config.block_kv, config.stages
     copies = max(1, bkv // page)
     dtype = qg.dtype
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))  # noqa: E731
-    body = functools.partial(_kernel, gp=gp, block_kv=bkv, page=page, width=width, num_tiles=num_tiles,
-                             stages=stages, scale_log2=float(scale) * LOG2E,
-                             gpu=not interpret)
+    body = functools.partial(_kernel, gp=gp, group=group, block_kv=bkv, page=page, width=width, num_tiles=num_tiles,
+                             stages=stages, scale_log2=float(scale) * LOG2E, gpu=not interpret, direct=direct)
 
     def entry(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref):
         pl.run_scoped(
@@ -306,7 +389,7 @@ def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale
             (smem((CONSUMERS, ROWS, d)), smem((stages, bkv, d)), smem((stages, bkv, d))),
             (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
              plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
-             plgpu.Barrier(num_barriers=CONSUMERS)),
+             plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS)),
             (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=CONSUMERS),
             collective_axes="wg",
@@ -325,4 +408,5 @@ def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale
     )(meta, tables, qg, k_pool, v_pool)
 
 
-__all__ = ["MgpuConfig", "available", "supported", "paged_prefill", "tile_call", "q_by_tile", "interpret_params"]
+__all__ = ["MgpuConfig", "available", "supported", "paged_prefill", "tile_call", "q_by_tile", "interpret_params",
+           "aligned_tile_metadata", "aligned_tiles_to_tokens"]
