@@ -67,6 +67,74 @@ def inputs(seqs: int, ctx: int, dtype, seed: int = 0):
     return q, k, v, seq_ids, jnp.asarray(perm), lens, qsl, kv_bytes
 
 
+def mixed_inputs(T: int, n_dec: int, n_pre: int, chunk: int, dtype, seed: int = 0):
+    """A throughput step as the scheduler builds it: `n_dec` decode tokens (contexts 64-256)
+    first, then `n_pre` fresh prompts' chunks of `chunk` tokens, padded to T tokens / 512 rows."""
+    rng = np.random.default_rng(seed)
+    S = 512
+    dec_ctx = rng.integers(64, 257, n_dec)
+    qlen = np.concatenate([np.ones(n_dec, np.int64), np.full(n_pre, chunk)])
+    ctx = np.concatenate([dec_ctx, np.full(n_pre, chunk)])
+    width = -(-max(256, chunk) // PAGE)
+    nb = S * width + 16
+    tables = np.zeros((S, width), np.int32)
+    tables[: len(ctx)] = rng.permutation(nb)[: len(ctx) * width].reshape(len(ctx), width)
+    qsl = np.full(S + 1, qlen.sum(), np.int32)
+    qsl[0] = 0
+    qsl[1: len(qlen) + 1] = np.cumsum(qlen)
+    lens = np.zeros(S, np.int32)
+    lens[: len(ctx)] = ctx
+    seq_ids = np.zeros(T, np.int32)
+    seq_ids[: qlen.sum()] = np.repeat(np.arange(len(qlen)), qlen)
+    kd = jnp.float8_e4m3fn if dtype == "fp8" else jnp.bfloat16
+    k = jax.random.normal(jax.random.PRNGKey(1), (KVH, nb, PAGE, D), jnp.float32).astype(kd)
+    v = jax.random.normal(jax.random.PRNGKey(2), (KVH, nb, PAGE, D), jnp.float32).astype(kd)
+    q = jax.random.normal(jax.random.PRNGKey(3), (T, H, D), jnp.float32).astype(jnp.bfloat16)
+    return q, k, v, jnp.asarray(seq_ids), jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(qsl)
+
+
+def mixed(dtype: str) -> list:
+    """Whole-op time of each kernel choice on mixed decode + prefill steps, and the two halves
+    (decode rows alone, prefill chunks alone) as separate calls: what a split would cost."""
+    from kiln.runtime.kernels import attention as am
+    from kiln.runtime.kernels.paged_prefill_mgpu import paged_prefill
+
+    out = []
+    for T, n_dec, n_pre, chunk in ((4096, 450, 28, 128), (2048, 420, 7, 128), (4096, 100, 2, 1990)):
+        case = {"dtype": dtype, "T": T, "decode_rows": n_dec, "prefill_chunks": n_pre, "chunk": chunk}
+        scales = dict(k_scale=jnp.float32(0.5), v_scale=jnp.float32(0.5)) if dtype == "fp8" else {}
+        parts = {"mixed": (T, n_dec, n_pre), "decode_only": (512, n_dec, 0),
+                 "prefill_only": (bucket_tokens(n_pre * chunk), 0, n_pre)}
+        for part, (t, nd, npre) in parts.items():
+            q, k, v, seq_ids, bt, lens, qsl = mixed_inputs(t, nd, npre, chunk, dtype)
+            d = choose_config(t, 512, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2 if dtype == "bf16" else 1)
+            cfgs = {"triton_default": d, "triton_bq4_k32_2w2s": KernelConfig(4, 32, 1, 2, 2),
+                    "triton_bq8_k64": KernelConfig(8, 64, 1, 4, 2), "triton_bq16_k64": KernelConfig(16, 64, 1, 4, 2)}
+            for name, cfg in cfgs.items():
+                f = jax.jit(lambda q, k, v, cfg=cfg: ragged_paged_attention(q, k, v, seq_ids, bt, lens, qsl,
+                                                                            scale=D ** -0.5, config=cfg, **scales))
+                try:
+                    case[f"{part}/{name}_us"] = bench(f, q, k, v) * 1e6
+                except Exception as e:  # noqa: BLE001
+                    case[f"{part}/{name}_us"] = f"{type(e).__name__}: {str(e)[:100]}"
+            if dtype == "bf16" and am.hopper():
+                f = jax.jit(lambda q, k, v: paged_prefill(q, k, v, seq_ids, bt, lens, qsl, scale=D ** -0.5))
+                try:
+                    case[f"{part}/mosaic_us"] = bench(f, q, k, v) * 1e6
+                except Exception as e:  # noqa: BLE001
+                    case[f"{part}/mosaic_us"] = f"{type(e).__name__}: {str(e)[:100]}"
+        print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in case.items()}), flush=True)
+        out.append(case)
+    return out
+
+
+def bucket_tokens(n: int) -> int:
+    b = 16
+    while b < n:
+        b *= 2
+    return b
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", default="512")
@@ -74,9 +142,17 @@ def main():
     ap.add_argument("--fp8", action="store_true", help="also e4m3 pools")
     ap.add_argument("--wide", action="store_true", help="a wider sweep (block_k 16-128, 1-4 warps, 1-4 stages)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, two configs")
+    ap.add_argument("--mixed", action="store_true", help="only mixed decode + prefill steps (kernel choices, split)")
     a = ap.parse_args()
     global INTERPRET
     INTERPRET = a.smoke
+    if a.mixed:
+        res = {"device": jax.devices()[0].device_kind, "mixed": []}
+        for dtype in ["bf16"] + (["fp8"] if a.fp8 else []):
+            res["mixed"] += mixed(dtype)
+            with open(os.path.join(OUT, "decode_mixed.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        return
     bw = copy_bandwidth()
     res = {"device": jax.devices()[0].device_kind, "copy_GBps": bw / 1e9, "cases": []}
     print(f"device {res['device']}, copy {bw / 1e9:.0f} GB/s", flush=True)
