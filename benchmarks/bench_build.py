@@ -63,6 +63,45 @@ def start(model, kw, env=None):
     return out
 
 
+def build_with_rss(cmd, res):
+    """Run the build, sampling its resident memory every 0.1 s: the peak within each stage of
+    its log ("[build] ... ..." starts a stage), beside a baseline process that only starts JAX
+    on the GPU (what the runtime itself holds). Returns the CompletedProcess-like result."""
+    import threading
+    import types
+
+    base = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp, resource; jnp.ones(4).block_until_ready(); "
+                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True)
+    res["baseline_jax_gpu_rss_gb"] = int(base.stdout.split()[-1]) * 1024 / 1e9 if base.stdout.split() else None
+    import tempfile
+
+    out = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+    stage, peaks, err = ["start"], {}, []
+
+    def read():
+        for ln in p.stderr:
+            err.append(ln)
+            if ln.startswith("[build]") and ln.rstrip().endswith("..."):
+                stage[0] = ln[8:].strip().rstrip(" .")[:60]
+
+    th = threading.Thread(target=read, daemon=True)
+    th.start()
+    while p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) * 1024 / 1e9
+            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.1)
+    th.join()
+    res["build_rss_gb_by_stage"] = {k: round(v, 2) for k, v in peaks.items()}
+    print("build RSS by stage (GB)", res["build_rss_gb_by_stage"], "baseline", res["baseline_jax_gpu_rss_gb"], flush=True)
+    out.seek(0)
+    return types.SimpleNamespace(returncode=p.returncode, stdout=out.read(), stderr="".join(err))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
@@ -74,8 +113,8 @@ def main():
     a = ap.parse_args()
     res = {}
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "--random-weights", a.preset, "-o", a.engine] + ENGINE_OPTS + BUILD_OPTS,
-                       capture_output=True, text=True)
+    r = build_with_rss([sys.executable, "-m", "kiln.cli", "build", "--random-weights", a.preset, "-o", a.engine]
+                       + ENGINE_OPTS + BUILD_OPTS, res)
     res["build_s"] = time.perf_counter() - t
     import resource  # the build is this script's first child: the children's peak RSS is the build's
 

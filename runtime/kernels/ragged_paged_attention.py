@@ -96,8 +96,18 @@ def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_co
         max_splits = max(1, max_context // (4 * block_k))
         while tiles * num_kv_heads * splits < 2 * num_cores and splits * 2 <= min(32, max_splits):
             splits *= 2
+        if splits == 1 and max_context <= 512 and head_dim <= 128:
+            # many short sequences (a serving batch): smaller key steps, 2 warps, more programs per SM
+            # (H100, 512 sequences of <= 256 tokens: 223 -> 205 us bf16, 125 -> 106 us fp8;
+            # bench_decode_batch.py in BENCHMARKS.md)
+            return KernelConfig(block_q, _fit_block_k(32, block_size), 1, num_warps=2, num_stages=2)
         return KernelConfig(block_q, block_k, splits, num_warps=4, num_stages=3)
-    block_q = max(1, (64 if head_dim > 128 else 128) // gp)
+    # prefill-shaped. With many sequence rows per token (a throughput step: hundreds of decode
+    # tokens beside a few prefill chunks) every decode token fills a tile alone: 64-row tiles
+    # waste half as much (H100, 450 decodes + 28 x 128-token chunks: 327 -> 278 us), at a few
+    # percent on long chunks (2 x 1990 tokens in the same shape: 316 -> 335 us)
+    rows = 64 if head_dim > 128 or num_tokens <= 8 * num_seqs else 128
+    block_q = max(1, rows // gp)
     block_k = _fit_block_k(64, block_size)
     return KernelConfig(block_q, block_k, 1, num_warps=4 if head_dim <= 128 else 8, num_stages=2)
 

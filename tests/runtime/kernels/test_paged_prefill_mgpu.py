@@ -85,6 +85,8 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(attn, "lowers", lambda *a, **k: True)
     assert attn._use_mgpu("pallas", q, pool, (4, 1), None, None)        # prefill-heavy on Hopper
     assert not attn._use_mgpu("pallas", q, pool, (1024, 1), None, None)  # 2 tokens per sequence row: Triton
+    assert not attn._use_mgpu("pallas", q, pool, (512, 1), None, None)   # 4 per row (a throughput step): Triton
+    assert attn._use_mgpu("pallas", q, pool, (64, 1), None, None)        # 32 per row: a 128-row tile each
     assert not attn._use_mgpu("pallas", q, pool, (4, 1), 4096, None)     # a window: Triton
     assert attn._use_mgpu("mgpu", q, pool, (1024, 1), None, None)        # forced
     with pytest.raises(ConfigError, match="Mosaic GPU"):
