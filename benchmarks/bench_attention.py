@@ -245,7 +245,8 @@ def prefill_parts(rng, res, log, mm, sizes):
 
     group, gp = H // KVH, 4
     bq = 128 // gp
-    layouts = {"by_tile": mg.MgpuConfig(128, 2, False), "direct": mg.MgpuConfig(128, 2, True)}
+    layouts = {"by_tile": mg.MgpuConfig(128, 2, False), "direct_q": mg.MgpuConfig(128, 2, True),
+               "direct_q_out": mg.MgpuConfig(128, 2, True, True)}
     for ql in sizes:
         log(f"prefill parts {ql}")
         b = make_batch(rng, ql, ql, pad_to=8)
@@ -253,10 +254,11 @@ def prefill_parts(rng, res, log, mm, sizes):
         flops = sum(4 * H * D * q * (q + 1) / 2 for q in ql)
         row = {"q_lens": ql, "flops": flops, "triton": try_time("Triton kernel, whole op", kiln_fn(), b, log=log)}
         for name, cfg in layouts.items():
-            direct = cfg.direct_q
-            nt = max(1, min(t, -(-t // bq) + (2 if direct else 1) * s))
-            mdf = jax.jit(lambda qsl, ctx, direct=direct, nt=nt: (
-                mg.aligned_tile_metadata if direct else tile_metadata)(qsl, ctx, bq, nt))
+            direct, dout = cfg.direct_q, cfg.direct_out
+            nt = max(1, min(t, -(-t // bq) + (2 if direct else 1) * s + (2 if dout else 0)))
+            mdf = jax.jit(lambda qsl, ctx, direct=direct, nt=nt, dout=dout: (
+                mg.aligned_tile_metadata(qsl, ctx, bq, nt, t if dout else None) if direct
+                else tile_metadata(qsl, ctx, bq, nt)))
             meta, first = mdf(b["qsl"], b["ctx"])
             qf = jax.jit(lambda q, meta, direct=direct: q.reshape(t, H * D) if direct else mg.q_by_tile(q, meta, KVH, gp))
             qg = qf(b["q"], meta)
@@ -273,8 +275,8 @@ def prefill_parts(rng, res, log, mm, sizes):
             r = {"metadata": try_time(f"{name}: tile metadata", mdf, b["qsl"], b["ctx"], log=log),
                  "q_relayout": None if direct else try_time(f"{name}: q relayout", qf, b["q"], meta, log=log),
                  "kernel": try_time(f"{name}: kernel alone", kf, meta, tables, qg, b["k"], b["v"], log=log),
-                 "out_gather": try_time(f"{name}: output gather", of, tiles, b["q"], b["seq_ids"], b["qsl"], first,
-                                        log=log),
+                 "out_gather": None if dout else try_time(f"{name}: output gather", of, tiles, b["q"], b["seq_ids"],
+                                                          b["qsl"], first, log=log),
                  "layer": try_time(f"{name}: op, metadata beforehand", jax.jit(layer), b, (meta, first), log=log),
                  "whole": try_time(f"{name}: whole op", mgpu_fn(cfg), b, log=log)}
             del qg, tiles
@@ -364,7 +366,8 @@ def main():
 
         hook_layout_check(log)
         mgpu_checks(rng, res, log, [(MgpuConfig(128, 2, False), jnp.bfloat16), (MgpuConfig(128, 2, True), jnp.bfloat16),
-                                    (MgpuConfig(128, 2, True), jnp.float16)])
+                                    (MgpuConfig(128, 2, True, True), jnp.bfloat16),
+                                    (MgpuConfig(128, 2, True, True), jnp.float16)])
         sizes = [[64], [32, 24]] if args.smoke else [[2048], [2048] * 4, [4096], [8192]]
         prefill_parts(rng, res, log, cl["matmul_bf16_TFLOPs"], sizes)
         with open(os.path.join(args.out, "attention.json"), "w") as f:

@@ -57,6 +57,7 @@ class MgpuConfig:
     block_kv: int = 128      # keys per step: whole pages (a multiple of the page) or a slice of one page
     stages: int = 2          # depth of the K/V shared-memory ring (128 x 2: the H100 sweep's best, BENCHMARKS.md)
     direct_q: bool = False   # q read by TMA straight from [T, H * D] (8-aligned tiles, head-major rows), no relayout
+    direct_out: bool = False  # with direct_q: the output written by TMA straight into [T, H * D], valid rows only
 
 
 def available() -> bool:
@@ -84,8 +85,8 @@ def interpret_params():
 
 
 def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, group: int, block_kv: int, page: int,
-            width: int, num_tiles: int, stages: int, scale_log2: float, gpu: bool, direct: bool):
-    (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+            width: int, num_tiles: int, stages: int, scale_log2: float, gpu: bool, direct: bool, direct_out: bool):
+    (q_smem2, k_smem, v_smem, *o_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     head_dim = k_ref.shape[-1]
     num_blocks = k_ref.shape[1]
     dtype = q_ref.dtype
@@ -94,7 +95,7 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, gr
     wg = lax.axis_index("wg")
     if direct:  # (seq, tile start / 8, first and end valid row, position of row 0); rows g * bq + t
         seq, a8, lo, hi, pa = (meta_ref[5 * tile + i] for i in range(5))
-        tile_steps = jnp.where(hi > lo, (pa + hi + block_kv - 1) // block_kv, 0)
+        tile_steps = jnp.where(hi > lo, jnp.maximum((pa + hi + block_kv - 1) // block_kv, 0), 0)
     else:       # (seq, first token, tokens, position of the first); rows t * gp + g
         seq, _, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
         tile_steps = (p0 + nq + block_kv - 1) // block_kv    # key steps the tile needs (0 for an empty tile)
@@ -131,7 +132,7 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, gr
                                         q_smem.at[pl.ds(j * wn, wn)], q_ready.at[wg])
             pos0 = pa + t0                                     # position of this warpgroup's row 0
             v_lo, v_hi = jnp.maximum(lo, t0), jnp.minimum(hi, t0 + wn)
-            steps = jnp.where(v_hi > v_lo, (pa + v_hi + block_kv - 1) // block_kv, 0)
+            steps = jnp.where(v_hi > v_lo, jnp.maximum((pa + v_hi + block_kv - 1) // block_kv, 0), 0)
             full = jnp.clip((pa + v_lo + 1) // block_kv, 0, steps)   # below the first valid row: no mask
         else:
             plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tile * TILE_ROWS + wg * ROWS, ROWS)], q_smem, q_ready.at[wg])
@@ -220,9 +221,32 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, gp: int, gr
         acc, m_i, l_i = carry
         l_i = jnp.where(l_i == 0.0, 1.0, l_i)
         acc = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
-        q_smem[...] = acc.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[kvh, tile, pl.ds(wg * ROWS, ROWS)])
+        if direct_out:  # valid rows only (other tiles own the rest): power-of-two runs from an untiled buffer
+            o_smem = o_smem2[0].at[wg]
+            o_smem[...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            n = jnp.maximum(v_hi - v_lo, 0)
+            off = v_lo - t0
+            size = wn
+            while size >= 1:
+                @pl.when(n & size != 0)
+                def _(size=size, off=off):
+                    for j in range(ROWS // wn):
+                        def put(j=j):
+                            head = kvh * group + g0 + j
+                            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(j * wn + off, size)],
+                                                    o_ref.at[pl.ds(a8 * 8 + t0 + off, size),
+                                                             pl.ds(head * head_dim, head_dim)])
+                        if group == gp:
+                            put()
+                        else:  # padding heads are not written
+                            pl.when(g0 + j < group)(put)
+                off = off + jnp.where(n & size != 0, size, 0)
+                size //= 2
+        else:
+            q_smem[...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[kvh, tile, pl.ds(wg * ROWS, ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == CONSUMERS)
@@ -286,10 +310,13 @@ def paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_
     bq = TILE_ROWS // gp
     tables = block_tables.astype(jnp.int32).reshape(-1)
     if config.direct_q and t % 8 == 0:
-        num_tiles = max(1, min(-(-t // bq) + 2 * s, t))
-        meta, first_tile = metadata or aligned_tile_metadata(query_start_loc, context_lens, bq, num_tiles)
+        pad = t if config.direct_out else None  # the padding tokens get tiles of their own, written as zeros
+        num_tiles = max(1, min(-(-t // bq) + 2 * s + (2 if pad else 0), t))
+        meta, first_tile = metadata or aligned_tile_metadata(query_start_loc, context_lens, bq, num_tiles, pad)
         out = tile_call(meta, tables, q.reshape(t, h * d), k_pool, v_pool, width=width, group=group, scale=scale,
                         config=config, interpret=interpret)
+        if config.direct_out:
+            return out.reshape(t, h, d)
         return aligned_tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
     config = dataclasses.replace(config, direct_q=False)
     num_tiles = max(1, min(-(-t // bq) + s, t))
@@ -299,13 +326,14 @@ def paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_
     return tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
 
 
-def aligned_tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int):
+def aligned_tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int, tokens: int | None = None):
     """Tiles for `direct_q`: each sequence's tiles start at its first token rounded down to a multiple
     of 8 and step by block_q, so every q TMA copy starts at a row offset known to be a multiple of 8
     (rows before the sequence's first token or past its last are computed and never read back).
     Per tile (seq, start // 8, first valid row, end of the valid rows, position of row 0 (may be
     negative)), flat int32 [num_tiles * 5]; tiles past the last real one have no valid rows.
-    Also `first_tile[S]`::
+    With `tokens` (T), the padding tokens `query_start_loc[S] .. T - 1` form one more sequence whose
+    rows see no keys (written as zeros by `direct_out`). Also `first_tile[S]`::
 
         flat tokens   ... s0 | s1: 13 14 15 16 ... 52 | s2 ...        (block_q 32)
         s1's tiles        [8 .. 40)  rows 5..31 valid,  [40 .. 72)  rows 0..12 valid
@@ -313,6 +341,11 @@ def aligned_tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles
     qsl = query_start_loc.astype(jnp.int32)
     s = context_lens.shape[0]
     start, end = qsl[:s], qsl[1:s + 1]
+    ctx = context_lens.astype(jnp.int32)
+    if tokens is not None:  # positions of the padding "sequence" far below 0: no key steps
+        start, end = jnp.append(start, qsl[s]), jnp.append(end, tokens)
+        ctx = jnp.append(ctx, -(1 << 30) + tokens)
+        s += 1
     qlen = end - start
     a0 = start // 8 * 8
     ntile = jnp.where(qlen > 0, (end - a0 + block_q - 1) // block_q, 0)
@@ -326,10 +359,11 @@ def aligned_tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles
     a = a0[seq] + (j - first[seq]) * block_q
     lo = jnp.clip(start[seq] - a, 0, block_q)
     hi = jnp.clip(end[seq] - a, 0, block_q)
-    pa = context_lens[seq].astype(jnp.int32) - qlen[seq] + a - start[seq]
+    pa = ctx[seq] - qlen[seq] + a - start[seq]
     z = jnp.zeros_like(j)
+    seq = jnp.minimum(seq, context_lens.shape[0] - 1)  # the padding tiles read no block table
     meta = jnp.stack([jnp.where(valid, x, z) for x in (seq, a // 8, lo, hi, pa)], axis=1)
-    return meta.reshape(-1), first
+    return meta.reshape(-1), first[:context_lens.shape[0]]
 
 
 def aligned_tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, block_q: int, gp: int):
@@ -372,6 +406,7 @@ def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale
     kvh, nb, page, d = k_pool.shape
     gp = 1 << max(0, (group - 1).bit_length())
     direct = config.direct_q
+    direct_out = direct and config.direct_out
     num_tiles = meta.shape[0] // (5 if direct else 4)
     q_copies = ROWS // min(ROWS, TILE_ROWS // gp) if direct else 1
     bkv, stages = config.block_kv, config.stages
@@ -381,12 +416,14 @@ def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale
     swizzle = plgpu.SwizzleTransform(128)
     smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))  # noqa: E731
     body = functools.partial(_kernel, gp=gp, group=group, block_kv=bkv, page=page, width=width, num_tiles=num_tiles,
-                             stages=stages, scale_log2=float(scale) * LOG2E, gpu=not interpret, direct=direct)
+                             stages=stages, scale_log2=float(scale) * LOG2E, gpu=not interpret, direct=direct,
+                             direct_out=direct_out)
 
     def entry(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref):
         pl.run_scoped(
             lambda *scoped: body(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, scoped),
-            (smem((CONSUMERS, ROWS, d)), smem((stages, bkv, d)), smem((stages, bkv, d))),
+            (smem((CONSUMERS, ROWS, d)), smem((stages, bkv, d)), smem((stages, bkv, d)),
+             *([plgpu.SMEM((CONSUMERS, ROWS, d), dtype)] if direct_out else [])),
             (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
              plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
              plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS)),
@@ -398,7 +435,7 @@ def tile_call(meta, tables, qg, k_pool, v_pool, *, width: int, group: int, scale
     kw = dict(interpret=interpret_params()) if interpret else {}
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct((kvh, num_tiles, TILE_ROWS, d), dtype),
+        out_type=jax.ShapeDtypeStruct(qg.shape if direct_out else (kvh, num_tiles, TILE_ROWS, d), dtype),
         grid=(kvh, num_tiles),
         grid_names=("head", "tile"),
         num_threads=CONSUMERS + 1,
