@@ -167,13 +167,8 @@ def main():
             with open(os.path.join(OUT, "bench_e2e_hf.json"), "w") as f:
                 json.dump(res, f, indent=1)
         return
-    for part in ("kiln",) + (() if a.skip_hf else ("hf",)):
-        cmd = [sys.executable, __file__, "--part", part, "--preset", a.preset] + (["--quick"] if a.quick else [])
-        if a.attention:
-            cmd += ["--attention", a.attention]
-        if a.quant and part == "kiln":
-            cmd += ["--quant", a.quant]
-        subprocess.run(cmd, check=False)
+    for part in ("kiln",) + (() if a.skip_hf else ("hf",)):  # each part in its own process, same options
+        subprocess.run([sys.executable, __file__] + sys.argv[1:] + ["--part", part], check=False)
     print_table()
 
 
