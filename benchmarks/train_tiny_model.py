@@ -3,7 +3,8 @@
 kernel check (`check_kernel_model.py --params`): a random model's bf16 logits have exact top-2
 ties (BENCHMARKS.md, issue #4), a trained model's next-token margins are those of a real model.
 
-    python3 benchmarks/train_tiny_model.py --out .tinymodel [--steps 300]
+    python3 benchmarks/train_tiny_model.py --out .tinymodel [--steps 400]
+    python3 benchmarks/train_tiny_model.py --out .tinymodel2 --init .tinymodel/model.npz --seed 1 --lr 1e-3
 
 Writes model.npz (f32 params, Kiln names), config.json (the HF-style config) and prompts.json
 (held-out byte prompts: the first bytes of every held-out file, lengths fixed below, none
@@ -56,10 +57,15 @@ def main():
     ap.add_argument("--seqs", type=int, default=4)
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--init", help="continue from this model.npz (a fresh optimizer state and schedule)")
+    ap.add_argument("--seed", type=int, default=0, help="batch order")
     args = ap.parse_args()
     cfg = ModelConfig.from_hf_dict(CONFIG, source="tiny byte-level llama")
     graph = build_graph(cfg, "float32")
     params = {k: v.astype(jnp.float32) for k, v in random_params(graph, 0, std=0.02).items()}
+    if args.init:
+        with np.load(args.init) as z:
+            params = {k: jnp.asarray(z[k], jnp.float32) for k in params}
     step = lower(graph, attention="reference")
     text, held = corpus()
     data = np.frombuffer(text, np.uint8).astype(np.int32)
@@ -89,7 +95,7 @@ def main():
         p = jax.tree.map(lambda w, a, b: w - lr * (a / c1) / (jnp.sqrt(b / c2) + 1e-8), p, m, v)
         return p, m, v, loss
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     m = jax.tree.map(jnp.zeros_like, params)
     v = jax.tree.map(jnp.zeros_like, params)
     t0 = time.time()

@@ -1,8 +1,10 @@
 """The Mosaic GPU paged prefill kernel in Mosaic GPU interpret mode (a CPU simulation of its
 warpgroups, barriers and TMA copies) against the plain-JAX reference, and its dispatch.
 
-jax 0.10.2's interpreter lacks three primitives the GPU build uses: `layout_cast`, `run_state`
-and wgmma with a transposed or register operand. In interpret mode the kernel takes QK^T and PV
+Both q layouts run: gathered by tile beforehand, and `direct_q` / `direct_out` (q read and the
+output written in place, [T, H * D], by 8-aligned tiles with head-major rows). jax 0.10.2's
+interpreter lacks three primitives the GPU build uses: `layout_cast`, `run_state` and wgmma with a
+transposed or register operand. In interpret mode the kernel takes QK^T and PV
 as register dot products instead (`gpu=False` in `_kernel`); the producer/consumer pipeline,
 barrier protocol (the interpreter checks that every phase is observed), page gather, causal
 masks, online softmax and tile layout are the GPU code. The wgmma path itself is checked on the
@@ -43,14 +45,21 @@ def ragged_case(rng, q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype, p
                 ctx=jnp.asarray(np.asarray(ctx_lens, np.int32)), qsl=jnp.asarray(qsl))
 
 
-@pytest.mark.parametrize("q_lens, ctx_lens, heads, kv_heads, page, dtype, cfg", [
-    # GQA 4: 32-token tiles, a tile whose second warpgroup has no tokens, a decode token at 130
-    ([40, 9, 1], [100, 9, 130], 4, 1, 16, jnp.bfloat16, mg.MgpuConfig(64, 2)),
-    # GQA 2 on 2 kv heads, 128-token pages read in slices, a 3-deep ring, a cached prefix
-    ([70, 3], [200, 3], 4, 2, 128, jnp.float16, mg.MgpuConfig(64, 3)),
+@pytest.mark.parametrize("q_lens, ctx_lens, heads, kv_heads, page, dtype, cfg, pad", [
+    # q gathered by tile (53 tokens: not a multiple of 8, so also where direct_q is asked for), GQA 4:
+    # 32-token tiles, a tile whose second warpgroup has no tokens, a decode token at 130
+    ([40, 9, 1], [100, 9, 130], 4, 1, 16, jnp.bfloat16, mg.MgpuConfig(64, 2, True, True), 3),
+    # q and output in place (80 tokens), GQA 2 on 2 kv heads, 128-token pages read in slices, a 3-deep
+    # ring, a cached prefix, a sequence starting at an unaligned token (70)
+    ([70, 3], [200, 3], 4, 2, 128, jnp.float16, mg.MgpuConfig(64, 3, True, True), 7),
+    # in place, GQA 6 padded to 8 (padding heads neither read nor written), 16-token tiles
+    ([21, 30], [21, 64], 6, 1, 16, jnp.bfloat16, mg.MgpuConfig(64, 2, True, True), 5),
+    # q in place, output through the tile buffer and a gather
+    ([40, 9, 1], [100, 9, 130], 4, 1, 16, jnp.bfloat16, mg.MgpuConfig(64, 2, True, False), 14),
 ])
-def test_interpret_matches_reference(q_lens, ctx_lens, heads, kv_heads, page, dtype, cfg):
-    b = ragged_case(np.random.default_rng(len(q_lens)), q_lens, ctx_lens, heads, kv_heads, 64, page, dtype)
+def test_interpret_matches_reference(q_lens, ctx_lens, heads, kv_heads, page, dtype, cfg, pad):
+    b = ragged_case(np.random.default_rng(len(q_lens)), q_lens, ctx_lens, heads, kv_heads, 64, page, dtype,
+                    pad_tokens=pad)
     out = mg.paged_prefill(b["q"], b["k"], b["v"], b["seq_ids"], b["tables"], b["ctx"], b["qsl"],
                            scale=64 ** -0.5, config=cfg, interpret=True)
     f32 = {k: b[k].astype(jnp.float32) for k in ("q", "k", "v")}
@@ -65,6 +74,33 @@ def test_interpret_matches_reference(q_lens, ctx_lens, heads, kv_heads, page, dt
     per_tok = np.linalg.norm(got - want, axis=(1, 2)) / np.linalg.norm(want, axis=(1, 2))
     assert per_tok.max() < 6e-2
     assert not np.asarray(out[n:]).any()  # padding tokens are zeros
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_aligned_tile_metadata_covers_every_token_once(seed):
+    """`direct_q` tiles: every real token is a valid row of exactly one tile, at its position; tiles
+    start at multiples of 8; with `tokens`, every padding token is a valid row of a tile with no keys."""
+    rng = np.random.default_rng(seed)
+    s, bq = int(rng.integers(1, 6)), int(rng.choice([16, 32, 64, 128]))
+    q_lens = rng.integers(0, 90, s)
+    ctx = q_lens + rng.integers(0, 50, s)
+    qsl = np.r_[0, np.cumsum(q_lens)]
+    t = int(-(-(qsl[-1] + rng.integers(0, 20)) // 8) * 8) or 8
+    num_tiles = max(1, min(-(-t // bq) + 2 * s + 2, t))
+    meta, first = mg.aligned_tile_metadata(jnp.asarray(qsl, jnp.int32), jnp.asarray(ctx, jnp.int32), bq, num_tiles, t)
+    meta = np.asarray(meta).reshape(num_tiles, 5)
+    covered = np.zeros(t, int)
+    for j, (seq, a8, lo, hi, pa) in enumerate(meta):
+        for r in range(lo, hi):
+            tok = a8 * 8 + r
+            covered[tok] += 1
+            if tok < qsl[-1]:
+                assert qsl[seq] <= tok < qsl[seq + 1]
+                assert pa + r == ctx[seq] - q_lens[seq] + tok - qsl[seq]  # the token's position
+                assert j == first[seq] + (tok - qsl[seq] // 8 * 8) // bq  # where the output gather looks
+            else:
+                assert pa + r < 0  # padding rows see no keys
+    assert (covered == 1).all()
 
 
 def test_supported_cases():
