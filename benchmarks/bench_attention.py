@@ -235,7 +235,10 @@ def mgpu_checks(rng, res, log, cfgs):
         log(f"check {case}: rel err {err:.2e}")
 
 
-def prefill_parts(rng, res, log, mm, sizes):
+PARTS_LAYOUTS = ("by_tile", "direct_q", "direct_q_out")
+
+
+def prefill_parts(rng, res, log, mm, sizes, names=PARTS_LAYOUTS, triton=True):
     """Issue #4: where the Mosaic GPU prefill op's time goes. Per layout (q gathered by tile vs read
     in place), each part timed alone (tile metadata, q relayout, kernel, output gather), the whole
     op, and the op with the metadata computed beforehand (a model step computes it once for all
@@ -245,14 +248,16 @@ def prefill_parts(rng, res, log, mm, sizes):
 
     group, gp = H // KVH, 4
     bq = 128 // gp
-    layouts = {"by_tile": mg.MgpuConfig(128, 2, False), "direct_q": mg.MgpuConfig(128, 2, True),
+    layouts = {"by_tile": mg.MgpuConfig(128, 2, False, False), "direct_q": mg.MgpuConfig(128, 2, True, False),
                "direct_q_out": mg.MgpuConfig(128, 2, True, True)}
+    layouts = {n: layouts[n] for n in names}
     for ql in sizes:
         log(f"prefill parts {ql}")
         b = make_batch(rng, ql, ql, pad_to=8)
         t, s, width = b["q"].shape[0], len(ql), b["tables"].shape[1]
         flops = sum(4 * H * D * q * (q + 1) / 2 for q in ql)
-        row = {"q_lens": ql, "flops": flops, "triton": try_time("Triton kernel, whole op", kiln_fn(), b, log=log)}
+        row = {"q_lens": ql, "flops": flops,
+               "triton": try_time("Triton kernel, whole op", kiln_fn(), b, log=log) if triton else None}
         for name, cfg in layouts.items():
             direct, dout = cfg.direct_q, cfg.direct_out
             nt = max(1, min(t, -(-t // bq) + (2 if direct else 1) * s + (2 if dout else 0)))
@@ -340,12 +345,17 @@ def main():
     ap.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU attention_mgpu on prefill")
     ap.add_argument("--prefill-mgpu", action="store_true",
                     help="only the Mosaic GPU prefill kernel: checks, prefill beside Triton")
-    ap.add_argument("--prefill-parts", action="store_true",
-                    help="only the Mosaic GPU prefill op taken apart (metadata, q relayout, kernel, output), "
-                         "two q layouts, checks")
+    ap.add_argument("--prefill-parts", default="",
+                    help="only the Mosaic GPU prefill op: 'checks' (against the reference), or comma-separated "
+                         f"layouts of {PARTS_LAYOUTS} taken apart (metadata, q relayout, kernel, output), "
+                         "the first beside the Triton kernel")
+    ap.add_argument("--no-ceilings", action="store_true", help="skip the copy and matmul ceilings")
     ap.add_argument("--decode-ctx", default="", help="comma-separated decode contexts (overrides the defaults)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    import faulthandler
+
+    faulthandler.enable()  # a crash inside a compiler or kernel still says where
     global INTERPRET
     INTERPRET = args.smoke
     os.makedirs(args.out, exist_ok=True)
@@ -359,18 +369,22 @@ def main():
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "decode": [], "prefill": [],
            "checks": [], "sweeps": {}}
     log(f"device {res['device']}  jax {jax.__version__}")
-    res["ceilings"] = cl = ceilings()
+    res["ceilings"] = cl = {"copy_GBps": 0, "matmul_bf16_TFLOPs": 1} if args.no_ceilings else ceilings()
     log(f"ceilings: copy {cl['copy_GBps']:.0f} GB/s, bf16 matmul {cl['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
     if args.prefill_parts:
         from kiln.runtime.kernels.paged_prefill_mgpu import MgpuConfig
 
         hook_layout_check(log)
-        mgpu_checks(rng, res, log, [(MgpuConfig(128, 2, False), jnp.bfloat16), (MgpuConfig(128, 2, True), jnp.bfloat16),
-                                    (MgpuConfig(128, 2, True, True), jnp.bfloat16),
-                                    (MgpuConfig(128, 2, True, True), jnp.float16)])
-        sizes = [[64], [32, 24]] if args.smoke else [[2048], [2048] * 4, [4096], [8192]]
-        prefill_parts(rng, res, log, cl["matmul_bf16_TFLOPs"], sizes)
-        with open(os.path.join(args.out, "attention.json"), "w") as f:
+        if args.prefill_parts == "checks":
+            mgpu_checks(rng, res, log, [(MgpuConfig(128, 2, False, False), jnp.bfloat16),
+                                        (MgpuConfig(128, 2, True, False), jnp.bfloat16),
+                                        (MgpuConfig(128, 2, True, True), jnp.bfloat16),
+                                        (MgpuConfig(128, 2, True, True), jnp.float16)])
+        else:
+            names = args.prefill_parts.split(",")
+            sizes = [[64], [32, 24]] if args.smoke else [[2048], [2048] * 4, [4096], [8192]]
+            prefill_parts(rng, res, log, cl["matmul_bf16_TFLOPs"], sizes, names, triton=not args.no_ceilings)
+        with open(os.path.join(args.out, f"attention_{args.prefill_parts.replace(',', '_')}.json"), "w") as f:
             json.dump(res, f, indent=1, default=str)
         return 0
     if args.prefill_mgpu:

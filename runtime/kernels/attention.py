@@ -24,6 +24,7 @@ scales into the softmax scale and the output).
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +107,8 @@ def paged_attention(q, k_pool, v_pool, positions, seq_ids, block_tables, context
     if impl in ("pallas", "mgpu") and _use_mgpu(impl, q, k_pool, block_tables.shape, sliding_window, soft_cap):
         from kiln.runtime.kernels.paged_prefill_mgpu import paged_prefill
 
-        return paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, scale=scale)
+        return paged_prefill(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc, scale=scale,
+                             config=mgpu_config(q, k_pool, block_tables.shape))
     from kiln.runtime.kernels.ragged_paged_attention import ragged_paged_attention
 
     return ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_lens, query_start_loc,
@@ -152,7 +154,21 @@ def _use_mgpu(impl, q, k_pool, block_tables_shape, sliding_window, soft_cap) -> 
                               f"{k_pool.dtype}, head_dim {d}, kv_block_size {page}); use attention='pallas'")
         return True
     return (ok and t >= MGPU_MIN_TOKENS and t >= MGPU_TOKENS_PER_SEQ * num_seqs and hopper()
-            and lowers(mg.paged_prefill, q, k_pool, block_tables_shape))
+            and mgpu_config(q, k_pool, block_tables_shape) is not None)
+
+
+def mgpu_config(q, k_pool, block_tables_shape):
+    """The Mosaic GPU kernel's config for this shape: its default (q and output in place), else q gathered
+    by tile where only that lowers (each probed once per shape on Hopper), else None."""
+    from kiln.runtime.kernels import paged_prefill_mgpu as mg
+
+    cfg = mg.MgpuConfig()
+    if not hopper():
+        return cfg
+    for c in (cfg, dataclasses.replace(cfg, direct_q=False, direct_out=False)):
+        if lowers(mg.paged_prefill, q, k_pool, block_tables_shape, config=c):
+            return c
+    return None
 
 
 _LOWERS: dict = {}
@@ -164,7 +180,7 @@ def lowers(kernel, q, k_pool, block_tables_shape, **kw) -> bool:
     0.11.2's layout inference asserted on a real model step's pools that the kernel benchmark
     never met). The probe lowers the kernel alone, from shapes only."""
     s, b = block_tables_shape
-    key = (kernel, q.shape, str(q.dtype), k_pool.shape, str(k_pool.dtype), (s, b))
+    key = (kernel, q.shape, str(q.dtype), k_pool.shape, str(k_pool.dtype), (s, b), tuple(sorted(kw.items())))
     if key not in _LOWERS:
         i32 = jnp.int32
         args = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),

@@ -56,8 +56,8 @@ LOG2E = 1.4426950408889634
 class MgpuConfig:
     block_kv: int = 128      # keys per step: whole pages (a multiple of the page) or a slice of one page
     stages: int = 2          # depth of the K/V shared-memory ring (128 x 2: the H100 sweep's best, BENCHMARKS.md)
-    direct_q: bool = False   # q read by TMA straight from [T, H * D] (8-aligned tiles, head-major rows), no relayout
-    direct_out: bool = False  # with direct_q: the output written by TMA straight into [T, H * D], valid rows only
+    direct_q: bool = True    # q read by TMA straight from [T, H * D] (8-aligned tiles, head-major rows), no relayout
+    direct_out: bool = True  # with direct_q: the output written by TMA straight into [T, H * D], valid rows only
 
 
 def available() -> bool:

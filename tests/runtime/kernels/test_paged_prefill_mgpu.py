@@ -153,3 +153,17 @@ def test_dispatch_falls_back_where_mosaic_does_not_lower(monkeypatch):
     monkeypatch.setattr(attn, "hopper", lambda: True)
     monkeypatch.setattr(mg, "paged_prefill", rejecting)
     assert not attn._use_mgpu("pallas", q, pool, (8, 16), None, None)
+
+
+def test_dispatch_takes_the_in_place_layout_or_the_tile_gather_where_only_that_lowers(monkeypatch):
+    q = jax.ShapeDtypeStruct((2048, 32, 128), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((8, 256, 16, 128), jnp.bfloat16)
+    monkeypatch.setattr(attn, "hopper", lambda: True)
+    monkeypatch.setattr(attn, "lowers", lambda *a, config: True)
+    assert attn.mgpu_config(q, pool, (4, 16)) == mg.MgpuConfig() and mg.MgpuConfig().direct_out
+    monkeypatch.setattr(attn, "lowers", lambda *a, config: not config.direct_q)
+    assert attn.mgpu_config(q, pool, (4, 16)) == mg.MgpuConfig(direct_q=False, direct_out=False)
+    assert attn._use_mgpu("pallas", q, pool, (4, 16), None, None)
+    monkeypatch.setattr(attn, "lowers", lambda *a, config: False)
+    assert attn.mgpu_config(q, pool, (4, 16)) is None
+    assert not attn._use_mgpu("pallas", q, pool, (4, 16), None, None)
