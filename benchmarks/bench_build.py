@@ -63,7 +63,7 @@ def start(model, kw, env=None):
     return out
 
 
-def build_with_rss(cmd, res):
+def build_with_rss(cmd, res, env=None):
     """Run the build, sampling its resident memory every 0.1 s: the peak within each stage of
     its log ("[build] ... ..." starts a stage), beside a baseline process that only starts JAX
     on the GPU (what the runtime itself holds). Returns the CompletedProcess-like result."""
@@ -76,7 +76,7 @@ def build_with_rss(cmd, res):
     import tempfile
 
     out = tempfile.TemporaryFile("w+")
-    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     stage, peaks, err = ["start"], {}, []
 
     def read():
@@ -110,6 +110,9 @@ def main():
                     help="one more warm start with these environment variables (repeatable), "
                          "e.g. KILN_RESTORE_THREADS=1 or KILN_PRELOAD=after")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold start")
+    ap.add_argument("--build-only", action="store_true", help="no starts: the build alone")
+    ap.add_argument("--build-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="one more build with these environment variables (repeatable), e.g. KILN_COMPILE_THREADS=4")
     a = ap.parse_args()
     res = {}
     t = time.perf_counter()
@@ -122,13 +125,24 @@ def main():
     res["build_log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("[build]")]
     print("build", res["build_s"], "peak host RSS GB", round(res["build_peak_host_rss_gb"], 2),
           "\n".join(res["build_log"]), r.stderr[-1500:] if r.returncode else "", flush=True)
+    for item in a.build_env:  # more builds (the last one's engine is kept for the starts below)
+        env = dict(kv.split("=", 1) for kv in item.split(","))
+        sub = {}
+        t = time.perf_counter()
+        r = build_with_rss([sys.executable, "-m", "kiln.cli", "build", "--random-weights", a.preset, "-o", a.engine]
+                           + ENGINE_OPTS + BUILD_OPTS, sub, env)
+        sub["build_s"] = time.perf_counter() - t
+        sub["build_log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("[build]")]
+        res["build_" + "_".join(f"{k}={v}" for k, v in env.items())] = sub
+        print("build", env, round(sub["build_s"], 1), "\n".join(sub["build_log"]), r.stderr[-800:] if r.returncode else "",
+              flush=True)
     res["engine_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.engine) for f in fs)
     kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_tokens=2048, max_model_len=2304, gpu_memory_utilization=0.85)
-    runs = [("warm_start", a.engine, {}, None), ("warm_start_2", a.engine, {}, None)]
+    runs = [] if a.build_only else [("warm_start", a.engine, {}, None), ("warm_start_2", a.engine, {}, None)]
     for item in a.warm_env:
         env = dict(kv.split("=", 1) for kv in item.split(","))
         runs.append(("warm_start_" + "_".join(f"{k}={v}" for k, v in env.items()), a.engine, {}, env))
-    runs += [] if a.no_cold else [("cold_start", f"random:{a.preset}", kw, None)]
+    runs += [] if a.no_cold or a.build_only else [("cold_start", f"random:{a.preset}", kw, None)]
     for name, model, k, env in runs:
         res[name] = start(model, k, env)
         print(name, res[name], flush=True)

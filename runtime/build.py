@@ -12,12 +12,15 @@ time, the passes transform them on the device, and orbax writes them from there.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from kiln.runtime.engine_dir import BuildConfig, EngineWriter, use_compile_cache
 from kiln.runtime.kernels.quant_matmul import set_tuned_table
+
+COMPILE_THREADS = 8
 
 
 class _Stages:
@@ -64,9 +67,12 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
             with stage(f"autotune the quantized matmuls (budget {bc.autotune_budget_s:g} s)"):
                 files = (_autotune(llm, writer, bc, log),)
         batches = llm.runner.build_batches()
-        with stage(f"compile {len(batches)} shape buckets (parallel): tokens "
+        # compiles in parallel: each holds ~3 GB of host memory for the 8B shape (BENCHMARKS.md), so
+        # their number bounds the build's peak host memory (KILN_COMPILE_THREADS)
+        threads = max(1, int(os.environ.get("KILN_COMPILE_THREADS") or COMPILE_THREADS))
+        with stage(f"compile {len(batches)} shape buckets ({min(threads, len(batches))} in parallel): tokens "
                    + ",".join(str(len(b.inputs["token_ids"])) for b in batches)):
-            llm.runner.precompile(batches=batches)
+            llm.runner.precompile(workers=threads, batches=batches)
         with stage("finish writing weights"):
             writer.wait()
         writer.write_manifest(config=llm.config.to_json(), build=bc, params=llm.params,
