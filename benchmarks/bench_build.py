@@ -136,6 +136,8 @@ def main():
         res["build_" + "_".join(f"{k}={v}" for k, v in env.items())] = sub
         print("build", env, round(sub["build_s"], 1), "\n".join(sub["build_log"]), r.stderr[-800:] if r.returncode else "",
               flush=True)
+    with open(os.path.join(OUT, "bench_build.json"), "w") as f:  # the builds alone (--build-only stops here)
+        json.dump(res, f, indent=1)
     res["engine_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.engine) for f in fs)
     kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_tokens=2048, max_model_len=2304, gpu_memory_utilization=0.85)
     runs = [] if a.build_only else [("warm_start", a.engine, {}, None), ("warm_start_2", a.engine, {}, None)]
