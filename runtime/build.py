@@ -60,6 +60,7 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
             writer.save_graph(llm.graph)
             writer.save_tokenizer(llm.tokenizer)
             writer.save_weights(llm.params, wait=False)  # written in the background while we compile
+            log(f"[build] weights' save: {writer.save_note}")
         files = ()
         from kiln.runtime.autotune import qlinear_shapes
 

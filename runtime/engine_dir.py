@@ -18,6 +18,7 @@ build killed half way never leaves a directory that loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -132,11 +133,24 @@ class EngineWriter:
         # few arrays of the weights on the host at a time, never the whole model
         sizes = {k: int(v.size) * v.dtype.itemsize for k, v in params.items()}
         save_gb = _concurrent_gb("KILN_SAVE_CONCURRENT_GB", sizes)
+        # KILN_SAVE_PART_GB: one orbax checkpoint per part of about that many GB, saved one after
+        # the other (weights/part-NNN), so the host holds one part at a time whatever the orbax
+        # version; restored part by part in threads (`restore_weights`)
+        part_gb = float(os.environ.get("KILN_SAVE_PART_GB") or 0)
+        self.weight_parts = _size_parts(sizes, int(part_gb * 1e9)) if part_gb > 0 else None
+        self.save_note = (f"{len(self.weight_parts)} parts of <= {part_gb:g} GB" if self.weight_parts else
+                          f"device-to-host copies bounded to {save_gb} GB" if orbax_bounds_save() else
+                          "unbounded (this orbax has no save_device_host_concurrent_gb; KILN_SAVE_PART_GB bounds it)")
 
         def save():
             try:
                 ckptr = _checkpointer(save_host_gb=save_gb)
-                ckptr.save(self.tmp / "weights", args=ocp.args.PyTreeSave(params))
+                if self.weight_parts is None:
+                    ckptr.save(self.tmp / "weights", args=ocp.args.PyTreeSave(params))
+                    return
+                (self.tmp / "weights").mkdir()
+                for i, names in enumerate(self.weight_parts):
+                    ckptr.save(self.tmp / "weights" / _part_dir(i), args=ocp.args.PyTreeSave({n: params[n] for n in names}))
             except BaseException as e:  # re-raised by wait()
                 self._save_error = e
 
@@ -172,6 +186,8 @@ class EngineWriter:
                        for path, a in jax.tree_util.tree_flatten_with_path(params)[0]},
             "build_command": command,
         }
+        if getattr(self, "weight_parts", None):
+            manifest["weight_parts"] = self.weight_parts
         if files:
             manifest["files"] = {f: file_sha256(self.tmp / f) for f in files}
         manifest["checksum"] = _checksum(manifest)
@@ -275,13 +291,16 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     # largest array (orbax refuses an array larger than its budget)
     sizes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in target.items()}
     restore_gb = _concurrent_gb("KILN_RESTORE_CONCURRENT_GB", sizes)
-    parts = _balanced_parts(sizes, threads)
+    saved = manifest.get("weight_parts")  # one checkpoint per part (KILN_SAVE_PART_GB), else one in all
+    parts = [(d / "weights" / _part_dir(i), names, False) for i, names in enumerate(saved)] if saved else \
+        [(d / "weights", names, True) for names in _balanced_parts(sizes, threads)]
 
-    def restore(names):
+    def restore(part):
+        where, names, partial = part
         item = {n: target[n] for n in names}
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                      partial_restore=len(parts) > 1)
-        return _checkpointer(restore_gb).restore(d / "weights", args=args)
+                                      **({"partial_restore": True} if partial and len(parts) > 1 else {}))
+        return _checkpointer(restore_gb).restore(where, args=args)
 
     try:
         if len(parts) == 1:
@@ -290,7 +309,7 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
             from concurrent.futures import ThreadPoolExecutor
 
             params = {}
-            with ThreadPoolExecutor(len(parts), thread_name_prefix="kiln-restore") as pool:
+            with ThreadPoolExecutor(min(threads, len(parts)), thread_name_prefix="kiln-restore") as pool:
                 for part in pool.map(restore, parts):
                     params.update(part)
     except Exception as e:  # orbax/tensorstore raise many types for truncated or missing files
@@ -303,6 +322,23 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
             raise EngineError(f"{d / 'weights'}: {name} is {got}, engine.json says {dtype}{shape}; "
                               f"rebuild with: {rebuild}")
     return params
+
+
+def _part_dir(i: int) -> str:
+    return f"part-{i:03d}"
+
+
+def _size_parts(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """The names of `sizes` (name -> bytes) in order, cut into runs of at most `limit` bytes
+    (an array larger than that is a part alone)."""
+    parts, cur, n = [], [], 0
+    for k in sizes:
+        if cur and n + sizes[k] > limit:
+            parts.append(cur)
+            cur, n = [], 0
+        cur.append(k)
+        n += sizes[k]
+    return parts + ([cur] if cur else [])
 
 
 def _balanced_parts(sizes: dict[str, int], n: int) -> list[list[str]]:
@@ -329,12 +365,19 @@ def _checkpointer(restore_concurrent_gb: int | None = None, save_host_gb: int | 
     import orbax.checkpoint as ocp
 
     kw = dict(use_zarr3=True, use_compression=False, restore_concurrent_gb=restore_concurrent_gb)
-    if save_host_gb is not None:
-        try:
-            return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**kw, save_device_host_concurrent_gb=save_host_gb))
-        except TypeError:
-            pass
+    if save_host_gb is not None and orbax_bounds_save():
+        kw["save_device_host_concurrent_gb"] = save_host_gb
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**kw))
+
+
+@functools.cache
+def orbax_bounds_save() -> bool:
+    """Whether this orbax can bound a save's device-to-host copies (`save_device_host_concurrent_gb`)."""
+    import inspect
+
+    import orbax.checkpoint as ocp
+
+    return "save_device_host_concurrent_gb" in inspect.signature(ocp.PyTreeCheckpointHandler.__init__).parameters
 
 
 def use_compile_cache(directory: str | os.PathLike):

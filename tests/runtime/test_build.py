@@ -179,3 +179,31 @@ def test_parallel_restore_equals_one_restore(built):
     assert one.keys() == three.keys() == manifest["params"].keys()
     for k in one:
         np.testing.assert_array_equal(np.asarray(one[k]), np.asarray(three[k]))
+
+
+def test_weights_saved_in_parts(built, tmp_path, monkeypatch, capsys):
+    """KILN_SAVE_PART_GB: the weights go to one checkpoint per part (the host holds one part at a
+    time while saving); the engine restores them bit for bit as the one-checkpoint engine does,
+    generates the same tokens, and a truncated part is refused like a truncated checkpoint."""
+    import numpy as np
+
+    from kiln.runtime.engine_dir import read_manifest, restore_weights
+
+    ckpt, one = built
+    monkeypatch.setenv("KILN_SAVE_PART_GB", "0.00005")  # 50 kB parts of the tiny model
+    engine = tmp_path / "parts-engine"
+    assert main(["build", str(ckpt), "-o", str(engine)] + ENGINE_ARGS + OPTS) == 0
+    assert "parts of <= 5e-05 GB" in capsys.readouterr().err
+    m = read_manifest(engine)
+    parts = m["weight_parts"]
+    assert len(parts) > 2 and sorted(sum(parts, [])) == sorted(m["params"])
+    assert sorted(p.name for p in (engine / "weights").iterdir()) == [f"part-{i:03d}" for i in range(len(parts))]
+    a, b = restore_weights(one, read_manifest(one)), restore_weights(engine, m, threads=3)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    assert _tokens(LLM(str(engine))) == _tokens(LLM(str(one)))
+    files = sorted((p for p in (engine / "weights" / "part-001").rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 3])
+    capsys.readouterr()  # the loads' log lines above
+    assert "weights" in _cli_error(capsys, engine)
