@@ -278,7 +278,8 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
     orbax checkpointer (`partial_restore`) in its own thread: one restore keeps too few reads
     and host-to-device copies in flight to reach the disk's or the page cache's rate.
     Default: `KILN_RESTORE_THREADS`, else 4; each holds at most `KILN_RESTORE_CONCURRENT_GB`
-    (default 2, at least the largest array) in flight."""
+    (default 2, at least the largest array) in flight. An engine saved in parts
+    (`KILN_SAVE_PART_GB`: one checkpoint per part) restores its parts, `threads` at a time."""
     import numpy as np
     import orbax.checkpoint as ocp
 
