@@ -265,7 +265,8 @@ def prefill_parts(rng, res, log, mm, sizes, names=PARTS_LAYOUTS, triton=True):
                 mg.aligned_tile_metadata(qsl, ctx, bq, nt, t if dout else None) if direct
                 else tile_metadata(qsl, ctx, bq, nt)))
             meta, first = mdf(b["qsl"], b["ctx"])
-            qf = jax.jit(lambda q, meta, direct=direct: q.reshape(t, H * D) if direct else mg.q_by_tile(q, meta, KVH, gp))
+            qf = jax.jit(lambda q, meta, direct=direct: (q.reshape(t, H * D) if direct
+                                                         else mg.q_by_tile(q, meta, KVH, gp)))
             qg = qf(b["q"], meta)
             tables = b["tables"].reshape(-1)
             kf = jax.jit(lambda meta, tables, qg, k, v, cfg=cfg: mg.tile_call(
@@ -346,10 +347,12 @@ def main():
     ap.add_argument("--prefill-mgpu", action="store_true",
                     help="only the Mosaic GPU prefill kernel: checks, prefill beside Triton")
     ap.add_argument("--prefill-parts", default="",
-                    help="only the Mosaic GPU prefill op: 'checks' (against the reference), or comma-separated "
+                    help="only the Mosaic GPU prefill op: 'checks' / 'checks_default' (against the reference: "
+                         "four layouts / the default), or comma-separated "
                          f"layouts of {PARTS_LAYOUTS} taken apart (metadata, q relayout, kernel, output), "
                          "the first beside the Triton kernel")
     ap.add_argument("--no-ceilings", action="store_true", help="skip the copy and matmul ceilings")
+    ap.add_argument("--parts-sizes", default="", help="prefill sizes for --prefill-parts, e.g. 2048,2048x2048")
     ap.add_argument("--decode-ctx", default="", help="comma-separated decode contexts (overrides the defaults)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -380,9 +383,13 @@ def main():
                                         (MgpuConfig(128, 2, True, False), jnp.bfloat16),
                                         (MgpuConfig(128, 2, True, True), jnp.bfloat16),
                                         (MgpuConfig(128, 2, True, True), jnp.float16)])
+        elif args.prefill_parts == "checks_default":
+            mgpu_checks(rng, res, log, [(MgpuConfig(), jnp.bfloat16), (MgpuConfig(), jnp.float16)])
         else:
             names = args.prefill_parts.split(",")
             sizes = [[64], [32, 24]] if args.smoke else [[2048], [2048] * 4, [4096], [8192]]
+            if args.parts_sizes:
+                sizes = [[int(x) for x in z.split("x")] for z in args.parts_sizes.split(",")]
             prefill_parts(rng, res, log, cl["matmul_bf16_TFLOPs"], sizes, names, triton=not args.no_ceilings)
         with open(os.path.join(args.out, f"attention_{args.prefill_parts.replace(',', '_')}.json"), "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -194,8 +194,10 @@ def main():
     _, l16 = run(graph, params, "reference", prompts, 1, 16, 0)
     noise = float(np.linalg.norm(l16[0] - l32[0]) / np.linalg.norm(l32[0]))
     # which shapes the dispatcher probed for the Mosaic GPU prefill kernel, and whether they lowered
-    probes = {f"q {k[1]} pool {k[3]} tables {k[5]}": ok for k, ok in attn_mod._LOWERS.items()}
-    res = {"mosaic_prefill_probes": probes, "device": str(jax.devices()[0].device_kind), "model": args.params or args.model or f"random {args.preset}",
+    probes = {f"q {k[1]} pool {k[3]} tables {k[5]} {dict(k[6]).get('config', '')}": ok
+              for k, ok in attn_mod._LOWERS.items()}
+    res = {"mosaic_prefill_probes": probes, "device": str(jax.devices()[0].device_kind),
+           "model": args.params or args.model or f"random {args.preset}",
            "std": None if args.model or args.params else args.std, "impl": args.impl,
            "prompt_lens": [len(p) for p in prompts], "steps": args.steps, "bf16_noise_rel_err_step0": noise,
            "bfloat16": bf, "float32": f32}

@@ -8,7 +8,7 @@ transposed or register operand. In interpret mode the kernel takes QK^T and PV
 as register dot products instead (`gpu=False` in `_kernel`); the producer/consumer pipeline,
 barrier protocol (the interpreter checks that every phase is observed), page gather, causal
 masks, online softmax and tile layout are the GPU code. The wgmma path itself is checked on the
-H100 by `benchmarks/bench_attention.py --prefill-mgpu` (BENCHMARKS.md)."""
+H100 by `benchmarks/bench_attention.py --prefill-parts` (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -76,12 +76,12 @@ def test_interpret_matches_reference(q_lens, ctx_lens, heads, kv_heads, page, dt
     assert not np.asarray(out[n:]).any()  # padding tokens are zeros
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_aligned_tile_metadata_covers_every_token_once(seed):
     """`direct_q` tiles: every real token is a valid row of exactly one tile, at its position; tiles
     start at multiples of 8; with `tokens`, every padding token is a valid row of a tile with no keys."""
     rng = np.random.default_rng(seed)
-    s, bq = int(rng.integers(1, 6)), int(rng.choice([16, 32, 64, 128]))
+    s, bq = int(rng.integers(1, 6)), int(rng.choice([8, 16, 32, 64, 128]))
     q_lens = rng.integers(0, 90, s)
     ctx = q_lens + rng.integers(0, 50, s)
     qsl = np.r_[0, np.cumsum(q_lens)]
