@@ -58,7 +58,8 @@ def hlo_sources(text: str) -> dict[str, str]:
 
 def hlo_categories(text: str) -> dict[str, str]:
     """instruction name -> a coarse kind for the per-kind split of a trace: 'gemm <out shape>'
-    for cuBLAS calls, the Pallas kernel's name for Triton custom calls, 'fusion <op>' else."""
+    for cuBLAS calls, the Pallas kernel's name for Triton custom calls, 'fusion <op> <out shape>'
+    else."""
     out = {}
     for ln in text.splitlines():
         m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(?[\w\[\],{}\s]*?\)?)\s+[\w\-]+\(", ln)
@@ -72,8 +73,8 @@ def hlo_categories(text: str) -> dict[str, str]:
             out[name] = f"gemm {shape}"
         elif "xla.gpu.triton" in ln and "pallas" in opn:
             out[name] = "pallas " + next((p for p in opn.split("/") if p.startswith("kiln_") or "attention" in p), opn[-50:])
-        elif " fusion(" in ln:
-            out[name] = "fusion " + opn.split("/")[-1][:40]
+        elif " fusion(" in ln:  # with its output shape: which activation a slow fusion produces
+            out[name] = f"fusion {opn.split('/')[-1][:40]} {shape}"
     return out
 
 
