@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kiln.runtime.batch import bucket
 from kiln.runtime.kernels.ragged_paged_attention import (KernelConfig, choose_config, kernel_call, kernel_inputs,
                                                          ragged_paged_attention)
 
@@ -104,7 +105,7 @@ def mixed(dtype: str) -> list:
         case = {"dtype": dtype, "T": T, "decode_rows": n_dec, "prefill_chunks": n_pre, "chunk": chunk}
         scales = dict(k_scale=jnp.float32(0.5), v_scale=jnp.float32(0.5)) if dtype == "fp8" else {}
         parts = {"mixed": (T, n_dec, n_pre), "decode_only": (512, n_dec, 0),
-                 "prefill_only": (bucket_tokens(n_pre * chunk), 0, n_pre)}
+                 "prefill_only": (bucket(n_pre * chunk, 16), 0, n_pre)}
         for part, (t, nd, npre) in parts.items():
             q, k, v, seq_ids, bt, lens, qsl = mixed_inputs(t, nd, npre, chunk, dtype)
             d = choose_config(t, 512, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2 if dtype == "bf16" else 1)
@@ -126,13 +127,6 @@ def mixed(dtype: str) -> list:
         print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in case.items()}), flush=True)
         out.append(case)
     return out
-
-
-def bucket_tokens(n: int) -> int:
-    b = 16
-    while b < n:
-        b *= 2
-    return b
 
 
 def main():
