@@ -68,11 +68,10 @@ def inputs(seqs: int, ctx: int, dtype, seed: int = 0):
     return q, k, v, seq_ids, jnp.asarray(perm), lens, qsl, kv_bytes
 
 
-def mixed_inputs(T: int, n_dec: int, n_pre: int, chunk: int, dtype, seed: int = 0):
+def mixed_inputs(T: int, n_dec: int, n_pre: int, chunk: int, dtype, seed: int = 0, S: int = 512):
     """A throughput step as the scheduler builds it: `n_dec` decode tokens (contexts 64-256)
-    first, then `n_pre` fresh prompts' chunks of `chunk` tokens, padded to T tokens / 512 rows."""
+    first, then `n_pre` fresh prompts' chunks of `chunk` tokens, padded to T tokens / S rows."""
     rng = np.random.default_rng(seed)
-    S = 512
     dec_ctx = rng.integers(64, 257, n_dec)
     qlen = np.concatenate([np.ones(n_dec, np.int64), np.full(n_pre, chunk)])
     ctx = np.concatenate([dec_ctx, np.full(n_pre, chunk)])
@@ -101,14 +100,18 @@ def mixed(dtype: str) -> list:
     from kiln.runtime.kernels.paged_prefill_mgpu import paged_prefill
 
     out = []
-    for T, n_dec, n_pre, chunk in ((4096, 450, 28, 128), (2048, 420, 7, 128), (4096, 100, 2, 1990)):
-        case = {"dtype": dtype, "T": T, "decode_rows": n_dec, "prefill_chunks": n_pre, "chunk": chunk}
+    # (sequence rows, tokens, decodes, prefill chunks, chunk): a 512-row throughput engine, and the
+    # default 64-row engine (16 tokens per row: where the Mosaic threshold of 32 per row is untested)
+    for S, T, n_dec, n_pre, chunk in ((512, 4096, 450, 28, 128), (512, 2048, 420, 7, 128), (512, 4096, 100, 2, 1990),
+                                      (64, 1024, 0, 1, 1024), (64, 1024, 50, 1, 960), (64, 1024, 50, 8, 120)):
+        case = {"dtype": dtype, "rows": S, "T": T, "decode_rows": n_dec, "prefill_chunks": n_pre, "chunk": chunk}
         scales = dict(k_scale=jnp.float32(0.5), v_scale=jnp.float32(0.5)) if dtype == "fp8" else {}
-        parts = {"mixed": (T, n_dec, n_pre), "decode_only": (512, n_dec, 0),
-                 "prefill_only": (bucket(n_pre * chunk, 16), 0, n_pre)}
+        parts = {"mixed": (T, n_dec, n_pre)}
+        if n_dec and n_pre:
+            parts.update(decode_only=(bucket(n_dec, 16), n_dec, 0), prefill_only=(bucket(n_pre * chunk, 16), 0, n_pre))
         for part, (t, nd, npre) in parts.items():
-            q, k, v, seq_ids, bt, lens, qsl = mixed_inputs(t, nd, npre, chunk, dtype)
-            d = choose_config(t, 512, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2 if dtype == "bf16" else 1)
+            q, k, v, seq_ids, bt, lens, qsl = mixed_inputs(t, nd, npre, chunk, dtype, S=S)
+            d = choose_config(t, S, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2 if dtype == "bf16" else 1)
             cfgs = {"triton_default": d, "triton_bq4_k32_2w2s": KernelConfig(4, 32, 1, 2, 2),
                     "triton_bq8_k64": KernelConfig(8, 64, 1, 4, 2), "triton_bq16_k64": KernelConfig(16, 64, 1, 4, 2)}
             for name, cfg in cfgs.items():
