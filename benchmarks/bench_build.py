@@ -3,14 +3,15 @@
     python3 benchmarks/bench_build.py [--preset llama-3-8b]
 
   build       `kiln build --random-weights PRESET -o ENGINE` (passes, orbax weights, the build buckets
-              compiled with cuBLAS GEMMs: xla_gpu_enable_triton_gemm=false)
+              compiled with cuBLAS GEMMs: xla_gpu_enable_triton_gemm=false); its peak host RSS, also
+              per build stage, beside a process that only starts JAX on the GPU
   cold start  a fresh process: LLM("random:PRESET") built in memory, no compilation cache,
               up to the first generated token (XLA's default GEMMs: the reference for the step
               speed, 8 more 128-token prompts timed after the first token)
   warm start  a fresh process: LLM(ENGINE) up to the first generated token (weights from
               orbax, steps from the engine's persistent compilation cache)
 Each start is a separate process; results in $OUT/bench_build.json. `--warm-env KILN_RESTORE_THREADS=1`
-adds a warm start with that environment (repeatable; KILN_PRELOAD=beside|after|off too).
+adds a warm start with that environment (repeatable); `--build-env KILN_COMPILE_THREADS=4` one more build.
 """
 
 import argparse
@@ -63,21 +64,25 @@ def start(model, kw, env=None):
     return out
 
 
-def build_with_rss(cmd, res, env=None):
-    """Run the build, sampling its resident memory every 0.1 s: the peak within each stage of
-    its log ("[build] ... ..." starts a stage), beside a baseline process that only starts JAX
-    on the GPU (what the runtime itself holds). Returns the CompletedProcess-like result."""
-    import threading
-    import types
+def baseline_rss_gb() -> float | None:
+    """Peak RSS of a process that only starts JAX on the GPU: what the runtime itself holds."""
+    r = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp, resource; jnp.ones(4).block_until_ready(); "
+                        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True)
+    return int(r.stdout.split()[-1]) * 1024 / 1e9 if r.stdout.split() else None
 
-    base = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp, resource; jnp.ones(4).block_until_ready(); "
-                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True)
-    res["baseline_jax_gpu_rss_gb"] = int(base.stdout.split()[-1]) * 1024 / 1e9 if base.stdout.split() else None
+
+def build(a, env=None) -> dict:
+    """`kiln build` of the preset into `a.engine` (with `env` added to the environment), its
+    resident memory sampled every 0.1 s: the peak (VmHWM) and the peak within each stage of its
+    log ("[build] ... ..." starts a stage)."""
     import tempfile
+    import threading
 
+    cmd = [sys.executable, "-m", "kiln.cli", "build", "--random-weights", a.preset, "-o", a.engine] + ENGINE_OPTS + BUILD_OPTS
+    t = time.perf_counter()
     out = tempfile.TemporaryFile("w+")
     p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    stage, peaks, err = ["start"], {}, []
+    stage, peaks, hwm, err = ["start"], {}, [0.0], []
 
     def read():
         for ln in p.stderr:
@@ -90,16 +95,20 @@ def build_with_rss(cmd, res, env=None):
     while p.poll() is None:
         try:
             with open(f"/proc/{p.pid}/status") as f:
-                rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) * 1024 / 1e9
-            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss)
-        except (OSError, StopIteration):
+                kb = {x.split(":")[0]: int(x.split()[1]) for x in f if x.startswith(("VmRSS:", "VmHWM:"))}
+            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), kb["VmRSS"] * 1024 / 1e9)
+            hwm[0] = kb["VmHWM"] * 1024 / 1e9
+        except (OSError, KeyError):
             pass
         time.sleep(0.1)
     th.join()
-    res["build_rss_gb_by_stage"] = {k: round(v, 2) for k, v in peaks.items()}
-    print("build RSS by stage (GB)", res["build_rss_gb_by_stage"], "baseline", res["baseline_jax_gpu_rss_gb"], flush=True)
-    out.seek(0)
-    return types.SimpleNamespace(returncode=p.returncode, stdout=out.read(), stderr="".join(err))
+    stderr = "".join(err)
+    res = {"build_s": time.perf_counter() - t, "build_peak_host_rss_gb": hwm[0],
+           "build_rss_gb_by_stage": {k: round(v, 2) for k, v in peaks.items()},
+           "build_log": [ln for ln in stderr.splitlines() if ln.startswith("[build]")]}
+    print("build", env or "", round(res["build_s"], 1), "peak host RSS GB", round(hwm[0], 2), "by stage",
+          res["build_rss_gb_by_stage"], "\n".join(res["build_log"]), stderr[-1500:] if p.returncode else "", flush=True)
+    return res
 
 
 def main():
@@ -108,34 +117,16 @@ def main():
     ap.add_argument("--engine", default="/tmp/kiln-engine")
     ap.add_argument("--warm-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="one more warm start with these environment variables (repeatable), "
-                         "e.g. KILN_RESTORE_THREADS=1 or KILN_PRELOAD=after")
+                         "e.g. KILN_RESTORE_THREADS=1 or KILN_RESTORE_CONCURRENT_GB=4")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold start")
     ap.add_argument("--build-only", action="store_true", help="no starts: the build alone")
     ap.add_argument("--build-env", action="append", default=[], metavar="NAME=VALUE",
                     help="one more build with these environment variables (repeatable), e.g. KILN_COMPILE_THREADS=4")
     a = ap.parse_args()
-    res = {}
-    t = time.perf_counter()
-    r = build_with_rss([sys.executable, "-m", "kiln.cli", "build", "--random-weights", a.preset, "-o", a.engine]
-                       + ENGINE_OPTS + BUILD_OPTS, res)
-    res["build_s"] = time.perf_counter() - t
-    import resource  # the build is this script's first child: the children's peak RSS is the build's
-
-    res["build_peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
-    res["build_log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("[build]")]
-    print("build", res["build_s"], "peak host RSS GB", round(res["build_peak_host_rss_gb"], 2),
-          "\n".join(res["build_log"]), r.stderr[-1500:] if r.returncode else "", flush=True)
+    res = {"baseline_jax_gpu_rss_gb": baseline_rss_gb(), **build(a)}
     for item in a.build_env:  # more builds (the last one's engine is kept for the starts below)
         env = dict(kv.split("=", 1) for kv in item.split(","))
-        sub = {}
-        t = time.perf_counter()
-        r = build_with_rss([sys.executable, "-m", "kiln.cli", "build", "--random-weights", a.preset, "-o", a.engine]
-                           + ENGINE_OPTS + BUILD_OPTS, sub, env)
-        sub["build_s"] = time.perf_counter() - t
-        sub["build_log"] = [ln for ln in r.stderr.splitlines() if ln.startswith("[build]")]
-        res["build_" + "_".join(f"{k}={v}" for k, v in env.items())] = sub
-        print("build", env, round(sub["build_s"], 1), "\n".join(sub["build_log"]), r.stderr[-800:] if r.returncode else "",
-              flush=True)
+        res["build_" + "_".join(f"{k}={v}" for k, v in env.items())] = build(a, env)
     with open(os.path.join(OUT, "bench_build.json"), "w") as f:  # the builds alone (--build-only stops here)
         json.dump(res, f, indent=1)
     res["engine_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.engine) for f in fs)

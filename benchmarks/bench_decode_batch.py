@@ -16,8 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,29 +25,10 @@ from kiln.runtime.batch import bucket
 from kiln.runtime.kernels.ragged_paged_attention import (KernelConfig, choose_config, kernel_call, kernel_inputs,
                                                          ragged_paged_attention)
 
-KVH, H, D, PAGE = 8, 32, 128, 16
+import bench_attention as ba  # its timer, ceilings and head shapes (benchmarks/ is on sys.path as a script)
+from bench_attention import D, H, KVH, PAGE, bench
+
 OUT = os.environ.get("OUT", ".")
-INTERPRET = False  # --smoke: interpret mode on the CPU (a dry run of this script)
-
-
-def bench(f, *args, reps: int = 5) -> float:
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    n = int(min(200, max(5, 0.1 / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    x = jnp.ones(1 << (16 if INTERPRET else 28), jnp.float32)
-    return 2 * x.nbytes / bench(jax.jit(lambda a: a + 1), x)
 
 
 def inputs(seqs: int, ctx: int, dtype, seed: int = 0):
@@ -141,8 +120,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, two configs")
     ap.add_argument("--mixed", action="store_true", help="only mixed decode + prefill steps (kernel choices, split)")
     a = ap.parse_args()
-    global INTERPRET
-    INTERPRET = a.smoke
+    ba.INTERPRET = a.smoke
     if a.mixed:
         res = {"device": jax.devices()[0].device_kind, "mixed": []}
         for dtype in ["bf16"] + (["fp8"] if a.fp8 else []):
@@ -150,7 +128,7 @@ def main():
             with open(os.path.join(OUT, "decode_mixed.json"), "w") as f:
                 json.dump(res, f, indent=1)
         return
-    bw = copy_bandwidth()
+    bw = ba.ceilings()["copy_GBps"] * 1e9
     res = {"device": jax.devices()[0].device_kind, "copy_GBps": bw / 1e9, "cases": []}
     print(f"device {res['device']}, copy {bw / 1e9:.0f} GB/s", flush=True)
     sweep = list(itertools.product((32, 64, 128), (2, 4), (2, 3, 4)))
@@ -168,7 +146,7 @@ def main():
 
             def whole(cfg):
                 return jax.jit(lambda q, k, v: ragged_paged_attention(q, k, v, seq_ids, bt, lens, qsl, scale=D ** -0.5,
-                                                                      config=cfg, interpret=INTERPRET, **scales))
+                                                                      config=cfg, interpret=ba.INTERPRET, **scales))
 
             ref_out = whole(default)(q, k, v)
             t = bench(whole(default), q, k, v)
@@ -179,7 +157,7 @@ def main():
                 try:
                     c, args, _ = kernel_inputs(q, k, bt, lens, qsl, config=cfg, **scales)
                     f = jax.jit(lambda *xs: kernel_call(c, *xs, group=H // KVH, scale=D ** -0.5,
-                                                           interpret=INTERPRET))
+                                                           interpret=ba.INTERPRET))
                     t = bench(f, *args, k, v)
                 except Exception as e:  # noqa: BLE001  (a config Triton cannot fit)
                     rows.append({"block_k": bk, "warps": warps, "stages": stages, "error": str(e)[:120]})

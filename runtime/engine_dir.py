@@ -107,6 +107,7 @@ class EngineWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         (self.tmp / "compiled").mkdir()
+        self.weight_parts = None  # set by save_weights: the names of each part (KILN_SAVE_PART_GB)
 
     @property
     def compile_cache_dir(self) -> Path:
@@ -186,7 +187,7 @@ class EngineWriter:
                        for path, a in jax.tree_util.tree_flatten_with_path(params)[0]},
             "build_command": command,
         }
-        if getattr(self, "weight_parts", None):
+        if self.weight_parts:
             manifest["weight_parts"] = self.weight_parts
         if files:
             manifest["files"] = {f: file_sha256(self.tmp / f) for f in files}
