@@ -181,6 +181,27 @@ def test_parallel_restore_equals_one_restore(built):
         np.testing.assert_array_equal(np.asarray(one[k]), np.asarray(three[k]))
 
 
+def test_default_save_parts(monkeypatch):
+    """Without KILN_SAVE_PART_GB a model of 2 GB a part or more is saved in as many parts of
+    about equal bytes as the restore runs threads; a smaller one in one checkpoint; `=0` forces one."""
+    from kiln.runtime.engine_dir import _save_parts
+
+    monkeypatch.delenv("KILN_SAVE_PART_GB", raising=False)
+    monkeypatch.delenv("KILN_RESTORE_THREADS", raising=False)
+    gb = 10**9
+    big = {f"layer{i}.w": gb // 2 for i in range(32)} | {"embed": gb}  # 17 GB
+    parts = _save_parts(big)
+    assert len(parts) == 4 and sorted(sum(parts, [])) == sorted(big)
+    assert max(sum(big[n] for n in p) for p in parts) <= 4.5 * gb
+    assert _save_parts({"w": 3 * gb}) is None and _save_parts({"a": 3 * gb, "b": 2 * gb}) == [["a"], ["b"]]
+    monkeypatch.setenv("KILN_RESTORE_THREADS", "8")
+    assert len(_save_parts(big)) == 8
+    monkeypatch.setenv("KILN_SAVE_PART_GB", "0")
+    assert _save_parts(big) is None
+    monkeypatch.setenv("KILN_SAVE_PART_GB", "5")
+    assert len(_save_parts(big)) == 4  # runs of <= 5 GB in order: 10 + 10 + 10 halves, then 2 + embed
+
+
 def test_weights_saved_in_parts(built, tmp_path, monkeypatch, capsys):
     """KILN_SAVE_PART_GB: the weights go to one checkpoint per part (the host holds one part at a
     time while saving); the engine restores them bit for bit as the one-checkpoint engine does,
@@ -193,7 +214,7 @@ def test_weights_saved_in_parts(built, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KILN_SAVE_PART_GB", "0.00005")  # 50 kB parts of the tiny model
     engine = tmp_path / "parts-engine"
     assert main(["build", str(ckpt), "-o", str(engine)] + ENGINE_ARGS + OPTS) == 0
-    assert "parts of <= 5e-05 GB" in capsys.readouterr().err
+    assert "parts of <= 0.0 GB" in capsys.readouterr().err
     m = read_manifest(engine)
     parts = m["weight_parts"]
     assert len(parts) > 2 and sorted(sum(parts, [])) == sorted(m["params"])
