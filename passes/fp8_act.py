@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from kiln.graph.ir import Graph, TensorType
 from kiln.graph.ops import REGISTRY, register_op
 from kiln.passes import ops as qops
+from kiln.runtime.kernels import act_quant
 from kiln.passes.rewrite import Any_, Match, Param_, Pat, RewriteResult, Rewriter, Rule, apply_rules, array_module
 
 
@@ -49,8 +50,13 @@ def w8a8_tokens(attr) -> int:
 
 def quantize_rows(y) -> QAct:
     """fp32 [..., K] -> QAct with one scale per row (absmax / 448)."""
-    s = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True), 1e-12) / qops.FP8_MAX
-    return QAct((y / s).astype(jnp.float8_e4m3fn), s)
+    return QAct(*act_quant.quantize_rows(y))
+
+
+def _act_impl(ctx) -> str:
+    # the fused kernel (runtime/kernels/act_quant.py) except under tensor parallelism, where a
+    # per-token max over a sharded axis needs the partitioner's all-reduce
+    return "xla" if getattr(ctx, "shard", None) is not None else "auto"
 
 
 def _rows(x) -> int:
@@ -67,21 +73,21 @@ def _fp8_type(t: TensorType) -> TensorType:
 def _rms_norm_fp8_lower(ctx, x, w, *, eps, offset=0.0, min_tokens=None):
     if _rows(x) < w8a8_tokens(min_tokens):
         return REGISTRY["rms_norm"].lower(ctx, x, w, eps=eps, offset=offset)
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return quantize_rows(xf * (offset + w.astype(jnp.float32)))
+    return QAct(*act_quant.act_quant("rms_norm", x, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
 
 def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
-    # the residual sum itself is read through part(add_rms_norm(..), 0); XLA computes x + r once
-    return _rms_norm_fp8_lower(ctx, x + r, w, eps=eps, offset=offset, min_tokens=min_tokens)
+    # the residual sum itself is read through part(add_rms_norm(..), 0); the kernel forms x + r
+    # again from its inputs (one more read of r, no round trip of the sum)
+    if _rows(x) < w8a8_tokens(min_tokens):
+        return REGISTRY["rms_norm"].lower(ctx, x + r, w, eps=eps, offset=offset)
+    return QAct(*act_quant.act_quant("add_rms_norm", x, r, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
 
 def _swiglu_fp8_lower(ctx, gu, *, min_tokens=None):
     if _rows(gu[..., 0, :]) < w8a8_tokens(min_tokens):
         return REGISTRY["swiglu"].lower(ctx, gu)
-    g = gu[..., 0, :].astype(jnp.float32)
-    return quantize_rows(jax.nn.silu(g) * gu[..., 1, :].astype(jnp.float32))
+    return QAct(*act_quant.act_quant("swiglu", gu, impl=_act_impl(ctx)))
 
 
 register_op("rms_norm_fp8", lambda a, x, w: _fp8_type(REGISTRY["rms_norm"].shape(a, x, w)), _rms_norm_fp8_lower,
@@ -95,19 +101,20 @@ register_op("swiglu_fp8", lambda a, gu: _fp8_type(REGISTRY["swiglu"].shape(a, gu
 
 
 def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str, out_dtype, w8a8_min_tokens,
-               impl: str = "auto"):
+               impl: str = "auto", act_impl: str = "auto"):
     """qlinear{fp8} for an out-major weight [*out, in] or a quantized activation. `x` is a
     QAct (W8A8: one FP8 GEMM, both operands K-major, then the token and channel scales) or a
     plain activation (W8A16 below the W8A8 token count, through `quant_matmul`: XLA's
     convert-in-dot or the dequantizing kernel, chosen per token bucket by `impl` ("auto":
-    the engine's autotune table, then the static rule); quantized here at or above it)."""
+    the engine's autotune table, then the static rule); quantized here at or above it, by
+    `act_impl` (runtime/kernels/act_quant.py))."""
     n_out = math.prod(scale.shape)
     out = scale.shape
     dtype = jnp.dtype(out_dtype) if out_dtype else x.dtype
     nk = w_layout == "nk"
     w2 = w.reshape(n_out, in_features) if nk else w.reshape(in_features, n_out)
     if not isinstance(x, QAct) and _rows(x) >= w8a8_tokens(w8a8_min_tokens):
-        x = quantize_rows(x.astype(jnp.float32))
+        x = QAct(*act_quant.act_quant("rows", x, impl=act_impl))  # an input no producer quantized
     if isinstance(x, QAct):
         lead = x.q.shape[:-1]
         xq, sa = x.q.reshape(-1, in_features), x.scale.reshape(-1, 1)

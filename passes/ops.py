@@ -203,7 +203,7 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
         from kiln.passes.fp8_act import fp8_linear
 
         return fp8_linear(x, w, scale, *extras, in_features=in_features, bias=bias, w_layout=w_layout,
-                          out_dtype=out_dtype, w8a8_min_tokens=w8a8_min_tokens, impl=qimpl)
+                          out_dtype=out_dtype, w8a8_min_tokens=w8a8_min_tokens, impl=qimpl, act_impl=qimpl)
     if mode == "int4_wo":
         minimum, extras = extras[0], extras[1:]
     if smooth:

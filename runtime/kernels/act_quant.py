@@ -1,0 +1,184 @@
+"""FP8 activation quantization fused into the op that produces the activation: one Pallas
+kernel (Triton backend on the GPU, `interpret=True` on the CPU) beside its plain-JAX reference.
+
+    kind           inputs                      the fp32 value y[M, K] that is quantized
+    rows           x [M, K]                    x
+    rms_norm       x [M, K], w [K]             x * rsqrt(mean(x^2) + eps) * (offset + w)
+    add_rms_norm   x, r [M, K], w [K]          rms_norm(x + r)   (the sum rounded to x's dtype first)
+    swiglu         gu [M, 2, F]                silu(gu[:, 0]) * gu[:, 1]
+
+    -> q f8e4m3 [M, K] = y / s,   s f32 [M, 1] = max(max|y|, 1e-12) / 448   (one scale per token)
+
+Why a kernel: XLA lowers each quantization as separate fusions (the norm or SwiGLU, a row
+max, a divide-and-convert), and with 4 quantized activations per layer the Llama-3-8B fp8
+step spent 2.1 ms of a 14.9 ms decode step and 7.0 ms of a 36.7 ms 2048-token step in them
+(BENCHMARKS.md, session 4). Here each program owns `block_rows` rows: it loads them once, in
+power-of-two chunks of K (Triton's tensors are powers of two; SwiGLU's 14336 = 7 x 2048),
+keeps the chunks in registers for the sum of squares, the row max and the quantized store,
+and writes one byte per element plus the scale: one read of the input, nothing in between.
+
+Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU tests) and "auto":
+the kernel on a GPU where the shape chunks, XLA elsewhere; `KILN_ACT_QUANT` overrides "auto".
+Under tensor parallelism the callers keep XLA: a per-token max over a sharded axis needs the
+partitioner's all-reduce, which a custom call does not get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kiln.runtime.kernels import requested_impl
+
+KINDS = ("rows", "rms_norm", "add_rms_norm", "swiglu")
+IMPLS = ("auto", "xla", "pallas", "interpret")
+FP8_MAX = 448.0
+MAX_CHUNK = 4096       # elements of K per load
+MAX_CHUNKS = 32        # chunks a row may take (all held in registers); wider rows stay on XLA
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuantConfig:
+    block_rows: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def _default_config(k: int) -> ActQuantConfig:
+    return ActQuantConfig(block_rows=1, num_warps=4 if k <= 4096 else 8)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _value(kind: str, xs, *, eps: float, offset: float):
+    """The fp32 value to quantize, [..., K], from the op's inputs (the XLA path's order of operations)."""
+    if kind == "rows":
+        return xs[0].astype(jnp.float32)
+    if kind == "swiglu":
+        gu = xs[0]
+        return jax.nn.silu(gu[..., 0, :].astype(jnp.float32)) * gu[..., 1, :].astype(jnp.float32)
+    x = xs[0] + xs[1] if kind == "add_rms_norm" else xs[0]
+    w = xs[-1]
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return xf * (offset + w.astype(jnp.float32))
+
+
+def quantize_rows(y):
+    """fp32 [..., K] -> (f8e4m3 [..., K], f32 scale [..., 1]): one scale per row (absmax / 448)."""
+    s = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True), 1e-12) / FP8_MAX
+    return (y / s).astype(jnp.float8_e4m3fn), s
+
+
+def act_quant_reference(kind: str, *xs, eps: float = 0.0, offset: float = 0.0):
+    return quantize_rows(_value(kind, xs, eps=eps, offset=offset))
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def _chunking(k: int) -> tuple[int, int] | None:
+    """(chunk, chunks): the largest power of two dividing K, at most MAX_CHUNK; None when K
+    would need more than MAX_CHUNKS chunks or chunks under 64 elements."""
+    chunk = min(k & -k, MAX_CHUNK)
+    n = k // chunk
+    return (chunk, n) if chunk >= 64 and n <= MAX_CHUNKS else None
+
+
+def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offset: float):
+    from jax.experimental import pallas as pl
+
+    *ins, q_ref, s_ref = refs
+
+    def load(c):
+        sl = pl.ds(c * chunk, chunk)
+        if kind == "swiglu":
+            g, u = ins[0][:, sl].astype(jnp.float32), ins[1][:, sl].astype(jnp.float32)
+            return g * jax.nn.sigmoid(g) * u
+        x = ins[0][:, sl]
+        if kind == "add_rms_norm":
+            x = x + ins[1][:, sl]          # in x's dtype, as the unfused graph forms the sum
+        return x.astype(jnp.float32)
+
+    vals = [load(c) for c in range(chunks)]                                 # [rows, chunk] each
+    if kind in ("rms_norm", "add_rms_norm"):
+        ssq = sum(jnp.sum(v * v, axis=1, keepdims=True) for v in vals)      # [rows, 1]
+        rstd = jax.lax.rsqrt(ssq / k + eps)
+        w_ref = ins[-1]
+        vals = [v * rstd * (offset + w_ref[:, pl.ds(c * chunk, chunk)].astype(jnp.float32))
+                for c, v in enumerate(vals)]
+    amax = jnp.zeros((vals[0].shape[0], 1), jnp.float32)
+    for v in vals:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1, keepdims=True))
+    s = jnp.maximum(amax, 1e-12) / FP8_MAX
+    for c, v in enumerate(vals):
+        q_ref[:, pl.ds(c * chunk, chunk)] = (v / s).astype(q_ref.dtype)
+    s_ref[...] = s
+
+
+def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, config: ActQuantConfig | None = None,
+                     interpret: bool = False):
+    """The kernel over 2-D inputs: x [M, K] (and r, w [K]) or gu [M, 2, F] -> (q [M, K], s [M, 1])."""
+    from jax.experimental import pallas as pl
+
+    from kiln.runtime.kernels.quant_matmul import _compiler_params
+
+    m, k = xs[0].shape[0], xs[0].shape[-1]
+    chunk, chunks = _chunking(k)
+    cfg = config or _default_config(k)
+    br = cfg.block_rows
+    mp = -(-m // br) * br
+    norm = kind.endswith("norm")
+    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) for x in (xs[:-1] if norm else xs)]
+    row = pl.BlockSpec((br, k), lambda i: (i, 0))
+    if kind == "swiglu":  # the gate and up halves as two row blocks of the one array
+        args = (acts[0], acts[0])
+        in_specs = [pl.BlockSpec((br, None, k), lambda i: (i, 0, 0)), pl.BlockSpec((br, None, k), lambda i: (i, 1, 0))]
+    else:
+        args = tuple(acts) + ((xs[-1].reshape(1, k),) if norm else ())
+        in_specs = [row] * len(acts) + ([pl.BlockSpec((1, k), lambda i: (0, 0))] if norm else [])
+    kernel = lambda *refs: _kernel(*refs, kind=kind, chunk=chunk, chunks=chunks, k=k, eps=eps, offset=offset)
+    q, s = pl.pallas_call(
+        kernel, grid=(mp // br,), in_specs=in_specs,
+        out_specs=[row, pl.BlockSpec((br, 1), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((mp, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((mp, 1), jnp.float32)],
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
+        name=f"kiln_act_quant_{kind}_r{br}_c{chunk}x{chunks}",
+    )(*args)
+    return q[:m], s[:m]
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def resolve_impl(impl: str, k: int) -> str:
+    """"auto" (or `KILN_ACT_QUANT`): the kernel on a GPU where K chunks, XLA elsewhere."""
+    impl = requested_impl(impl, IMPLS, "KILN_ACT_QUANT", "activation quantization")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" and _chunking(k) else "xla"
+    if _chunking(k) is None:
+        return "xla"  # no chunking of this width: the reference (rows wider than MAX_CHUNKS chunks)
+    return impl
+
+
+def act_quant(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, impl: str = "auto",
+              config: ActQuantConfig | None = None):
+    """The per-token fp8 quantization of the activation `kind` produces from `xs` (see the
+    module doc; leading axes of any rank) -> (q f8e4m3 [..., K], s f32 [..., 1])."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown activation kind {kind!r}; choose one of {', '.join(KINDS)}")
+    k = xs[0].shape[-1]
+    lead = xs[0].shape[:-2] if kind == "swiglu" else xs[0].shape[:-1]
+    impl = resolve_impl(impl, k)
+    if impl == "xla":
+        return act_quant_reference(kind, *xs, eps=eps, offset=offset)
+    m = math.prod(lead)
+    n_acts = len(xs) - 1 if kind.endswith("norm") else len(xs)  # a norm's weight is last
+    flat = tuple(x.reshape((m,) + x.shape[len(lead):]) if i < n_acts else x for i, x in enumerate(xs))
+    q, s = act_quant_pallas(kind, *flat, eps=eps, offset=offset, config=config, interpret=impl == "interpret")
+    return q.reshape(lead + (k,)), s.reshape(lead + (1,))
