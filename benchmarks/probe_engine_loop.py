@@ -1,0 +1,113 @@
+"""Where an engine step's wall time goes on the host, in a throughput run on one GPU.
+
+    python3 benchmarks/probe_engine_loop.py [--quant fp8 --kv-cache-dtype fp8] [--isl 128 --osl 128 --num-requests 1024]
+
+Builds the engine as `bench_e2e.py` does (random llama-3-8b, 512 sequences / 4096 tokens per
+step), runs `kiln bench`'s throughput workload once (warm-up and compiles), then runs it again
+with each part of `Engine.step` timed: intake + schedule, the step's host arrays
+(`StepBuilder.build`), the runner's dispatch (`execute`), the wait for the previous step's
+samples (`read`: the device still busy), resolving them (`_process` without the wait) and
+building the outputs. Decode-only steps and mixed steps are reported apart (medians, ms).
+With the loop overlapped, a device-bound step waits in `read`; a host-bound one barely does.
+Writes engine_loop.json under $OUT (or .)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--quant", default=None)
+    ap.add_argument("--kv-cache-dtype", default=None)
+    ap.add_argument("--num-kv-blocks", type=int, default=16000)
+    ap.add_argument("--isl", type=int, default=128)
+    ap.add_argument("--osl", type=int, default=128)
+    ap.add_argument("--num-requests", type=int, default=1024)
+    a = ap.parse_args()
+
+    from kiln import LLM
+    from kiln.runtime import bench
+
+    opts = {"xla_gpu_enable_triton_gemm": "false"}
+    llm = LLM(f"random:{a.preset}", dtype="bfloat16", quantization=a.quant, max_model_len=2304, max_num_seqs=512,
+              max_num_tokens=4096, kv_cache_dtype=a.kv_cache_dtype, num_kv_blocks=a.num_kv_blocks,
+              compiler_options=opts)
+    args = bench.BenchArgs(mode="throughput", isl=a.isl, osl=a.osl, num_requests=a.num_requests)
+    first = bench.run(llm, args, log=lambda m: print(m, file=sys.stderr, flush=True))["results"]
+    print("warm-up run", json.dumps(first), flush=True)
+
+    eng, run = llm.engine, llm.runner
+    rec: list[dict] = []
+    cur: dict = {}
+
+    def timed(obj, name, key):
+        fn = getattr(obj, name)
+
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            cur[key] = cur.get(key, 0.0) + time.perf_counter() - t
+            if key == "build":
+                cur["tokens"] = len(out.inputs["token_ids"])
+                cur["real"] = int((out.inputs["slot_mapping"] >= 0).sum())
+                cur["seqs"] = out.num_seqs
+            return out
+        setattr(obj, name, wrapper)
+
+    timed(eng.scheduler, "schedule", "schedule")
+    timed(eng.builder, "build", "build")
+    timed(run, "execute", "execute")
+    timed(run, "read", "read")
+    timed(eng, "_process", "process")
+    timed(eng, "_output", "output")
+    step = eng.step
+
+    def step_wrapper():
+        cur.clear()
+        t = time.perf_counter()
+        out = step()
+        cur["step"] = time.perf_counter() - t
+        rec.append(dict(cur))
+        return out
+    eng.step = step_wrapper
+
+    reqs = bench.synthetic_requests(a.num_requests, a.isl, a.osl, llm.runner.graph.meta.get("vocab_size", 32000), seed=7)
+    t = time.perf_counter()
+    res = bench.run_throughput(llm, reqs)
+    wall = time.perf_counter() - t
+    eng.step = step
+    print("timed run", json.dumps(res), flush=True)
+
+    def summary(rows):
+        if not rows:
+            return {}
+        out = {"n": len(rows)}
+        for k in ("step", "schedule", "build", "execute", "read", "process", "output"):
+            out[k + "_ms"] = statistics.median(r.get(k, 0.0) for r in rows) * 1e3
+        out["process_minus_read_ms"] = statistics.median(r.get("process", 0) - r.get("read", 0) for r in rows) * 1e3
+        out["sum_ms"] = sum(r.get("step", 0) for r in rows) * 1e3
+        out["read_sum_ms"] = sum(r.get("read", 0) for r in rows) * 1e3
+        return out
+
+    decode = [r for r in rec if r.get("seqs") and r.get("real") == r.get("seqs")]
+    mixed = [r for r in rec if r.get("seqs") and r.get("real", 0) > r.get("seqs", 0)]
+    rep = {"wall_s": wall, "steps": len(rec), "results": res, "decode": summary(decode), "mixed": summary(mixed),
+           "decode_shapes": collections.Counter(r["tokens"] for r in decode).most_common(4),
+           "host_outside_read_ms_total": sum(r["step"] - r.get("read", 0) for r in rec) * 1e3}
+    for k in ("decode", "mixed"):
+        print(k, json.dumps({x: (round(v, 3) if isinstance(v, float) else v) for x, v in rep[k].items()}), flush=True)
+    print("wall", round(wall, 3), "steps", len(rec), "host outside read (s)", round(rep["host_outside_read_ms_total"] / 1e3, 3))
+    with open(os.path.join(os.environ.get("OUT", "."), "engine_loop.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
