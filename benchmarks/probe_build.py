@@ -87,6 +87,8 @@ def main():
     if llm is None:
         return
     runner = llm.runner
+    from kiln.runtime.runner import pack_step
+
     batches = {len(b.inputs["token_ids"]): b for b in runner._warmup_batches()}
 
     def lower(fn, b):
@@ -94,7 +96,8 @@ def main():
 
         prev = jax.ShapeDtypeStruct((runner.max_num_seqs,), jnp.int32,
                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        return fn.lower(_abstract(runner.params), runner._kv_like, b.inputs, prev, b.from_prev, b.sampling,
+        layout, packs = pack_step(b)
+        return fn.lower(_abstract(runner.params), runner._kv_like, prev, packs, layout=layout,
                         all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
 
     if "trace" in parts:
@@ -111,12 +114,14 @@ def main():
         for name, opts in variants.items():
             for T in (16, 2048):
                 try:
-                    fn = jax.jit(runner._fused, donate_argnums=(1,), static_argnames=("all_greedy", "num_logprobs"),
+                    fn = jax.jit(runner._fused_packed, donate_argnums=(1,),
+                                 static_argnames=("layout", "all_greedy", "num_logprobs"),
                                  **({"compiler_options": opts} if opts else {}))
                     lw, t_low = timed(lower, fn, batches[T])
                     ex, t_comp = timed(lw.compile)
                     b = batches[T]
-                    run = lambda: ex(runner.params, runner.kv, b.inputs, runner._prev_tokens, b.from_prev, b.sampling)  # noqa: E731
+                    packs = pack_step(b)[1]
+                    run = lambda: ex(runner.params, runner.kv, runner._prev_tokens, packs)  # noqa: E731
                     runner.kv, out = run()  # the pools are donated: pass the new ones each time
                     jax.block_until_ready(out)
                     t = time.perf_counter()

@@ -18,8 +18,10 @@ def probe(attention: str, preset: str = "llama-tiny"):
               max_num_tokens=256, max_model_len=1024, log=None)
     r = llm.runner
     b = r._warmup_batches()[-1]
-    c = r._fn.lower(r.params, r.kv, b.inputs, r._prev_tokens, b.from_prev, b.sampling, all_greedy=True,
-                    num_logprobs=0).compile()
+    from kiln.runtime.runner import pack_step
+
+    layout, packs = pack_step(b)
+    c = r._fn.lower(r.params, r.kv, r._prev_tokens, packs, layout=layout, all_greedy=True, num_logprobs=0).compile()
     text = c.as_text()
     pool = r.kv[0]["k"]
     dims = ",".join(str(d) for d in pool.shape)

@@ -146,6 +146,7 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
     import kiln.models.loader as loader
     import kiln.passes.pipeline as pipeline
     from kiln import LLM
+    from kiln.runtime.runner import pack_step
     from kiln.runtime.sampling_params import SamplingParams
 
     rep: dict = {"quant": (quant or "bf16") + (f"_kv{kv_cache_dtype}" if kv_cache_dtype else ""),
@@ -237,9 +238,10 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
     for label, key in picks.items():
         b = seen[key]
         fn = r._executables[key]
+        packs = pack_step(b)[1]
 
         def call():
-            r.kv, out = fn(r.params, r.kv, b.inputs, r._prev_tokens, b.from_prev, b.sampling)
+            r.kv, out = fn(r.params, r.kv, r._prev_tokens, packs)
             r._prev_tokens = out["tokens"]
             return out
 

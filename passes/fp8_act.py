@@ -54,8 +54,8 @@ def quantize_rows(y) -> QAct:
 
 
 def _act_impl(ctx) -> str:
-    # the fused kernel (runtime/kernels/act_quant.py) except under tensor parallelism, where a
-    # per-token max over a sharded axis needs the partitioner's all-reduce
+    # runtime/kernels/act_quant.py's choice (XLA unless KILN_ACT_QUANT selects the kernel); XLA
+    # under tensor parallelism, where a per-token max over a sharded axis needs the partitioner's all-reduce
     return "xla" if getattr(ctx, "shard", None) is not None else "auto"
 
 

@@ -111,8 +111,10 @@ class Runner:
                 options = {}
         self.compiler_options = options
         kw = {"compiler_options": options} if options else {}
-        self._fn = jax.jit(self._fused, donate_argnums=(1,), static_argnames=("all_greedy", "num_logprobs"), **kw)
+        self._fn = jax.jit(self._fused_packed, donate_argnums=(1,),
+                           static_argnames=("layout", "all_greedy", "num_logprobs"), **kw)
         self._executables, self._pending = {}, {}
+        self._layouts: dict = {}  # shape key -> the packed-input layout its executable was lowered with
 
     # -- memory
     def _blocks_from_memory(self, utilization: float) -> int:
@@ -179,6 +181,12 @@ class Runner:
         out["tokens"] = jnp.zeros(self.max_num_seqs, jnp.int32).at[:s].set(out["tokens"])
         return kv, out
 
+    def _fused_packed(self, params, kv, prev_tokens, packs, *, layout, all_greedy, num_logprobs):
+        """`_fused` over the step's host arrays packed by `pack_step` (one array per dtype)."""
+        parts = unpack_step(packs, layout)
+        return self._fused(params, kv, parts["inputs"], prev_tokens, parts["from_prev"], parts["sampling"],
+                           all_greedy=all_greedy, num_logprobs=num_logprobs)
+
     # -- steps
     def execute(self, batch: StepBatch) -> StepHandle:
         """Dispatch one step; returns at once (the device works on)."""
@@ -193,13 +201,13 @@ class Runner:
             t0 = time.perf_counter()
         if batch.from_prev.max() >= 0:
             assert self._prev_step == batch.step - 1, "a pending token must come from the step just before"
-        fn = self._executable(batch)
-        args = (self.params, self.kv, batch.inputs, self._prev_tokens, batch.from_prev, batch.sampling)
-        try:
+        layout, packs = pack_step(batch)
+        fn = self._executable(batch, layout)
+        args = (self.params, self.kv, self._prev_tokens, packs)
+        if self._layouts.get(key, layout) == layout:
             self.kv, out = fn(*args)
-        except (TypeError, ValueError):  # a batch whose structure the key does not capture: jit it
-            self._executables.pop(key, None)
-            self.kv, out = self._fn(*args, all_greedy=batch.all_greedy, num_logprobs=batch.num_logprobs)
+        else:  # a batch whose structure the key does not capture: jit it
+            self.kv, out = self._fn(*args, layout=layout, all_greedy=batch.all_greedy, num_logprobs=batch.num_logprobs)
         if first:
             out["tokens"].block_until_ready()
             self.compile_seconds += time.perf_counter() - t0
@@ -232,17 +240,22 @@ class Runner:
     # -- executables: lowered from shapes only, so they can be fetched before the weights arrive
     # (one device only: a sharded step keeps jit's own dispatch, whose shardings follow the arrays)
     def _lower_compile(self, b: StepBatch):
+        layout, packs = pack_step(b)
+        self._layouts[b.shape_key] = layout
+        kw = dict(layout=layout, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
         if self.kv_shards > 1:
-            return self._fn.lower(self.params, self.kv, b.inputs, self._prev_tokens, b.from_prev, b.sampling,
-                                  all_greedy=b.all_greedy, num_logprobs=b.num_logprobs).compile()
+            return self._fn.lower(self.params, self.kv, self._prev_tokens, packs, **kw).compile()
         prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        return self._fn.lower(_abstract(self.params), self._kv_like, b.inputs, prev, b.from_prev,
-                              b.sampling, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs).compile()
+        return self._fn.lower(_abstract(self.params), self._kv_like, prev, packs, **kw).compile()
 
-    def _executable(self, b: StepBatch):
+    def _executable(self, b: StepBatch, layout: tuple | None = None):
+        """The compiled step for `b`'s shape key. Several devices: jit's own dispatch (its
+        shardings follow the arrays)."""
         key = b.shape_key
         if self.kv_shards > 1:
-            return lambda *args: self._fn(*args, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
+            layout = layout or pack_step(b)[0]
+            self._layouts[key] = layout
+            return lambda *args: self._fn(*args, layout=layout, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
         fn = self._executables.get(key)
         if fn is None:
             fut = self._pending.pop(key, None)
@@ -311,6 +324,45 @@ class Runner:
         batches = self._warmup_batches() if batches is None else batches
         with ThreadPoolExecutor(max(1, min(workers, len(batches)))) as pool:
             list(pool.map(compile_one, batches))
+
+def pack_step(batch: StepBatch) -> tuple[tuple, tuple[np.ndarray, ...]]:
+    """A step's host arrays (inputs, from_prev, sampling) as one flat array per dtype, and the
+    static layout that unpacks them (`unpack_step`, inside the jitted step). One host-to-device
+    copy per dtype instead of one per array: on the H100 host, dispatching a 512-sequence step
+    with its ~20 arrays took 3.5 ms of the engine loop's 10.8 ms per step."""
+    entries = [("inputs", k, v) for k, v in batch.inputs.items()] + [("from_prev", "", batch.from_prev)] + \
+        [("sampling", k, v) for k, v in batch.sampling.items()]
+    dtypes: list[str] = []
+    flat: list[list[np.ndarray]] = []
+    sizes: list[int] = []
+    layout = []
+    for where, name, a in entries:
+        a = np.asarray(a)
+        d = a.dtype.str
+        if d not in dtypes:
+            dtypes.append(d)
+            flat.append([])
+            sizes.append(0)
+        i = dtypes.index(d)
+        layout.append((where, name, i, sizes[i], a.shape))
+        flat[i].append(a.reshape(-1))
+        sizes[i] += a.size
+    packs = tuple(np.concatenate(f) if len(f) > 1 else f[0] for f in flat)
+    return (tuple(dtypes), tuple(layout)), packs
+
+
+def unpack_step(packs, layout: tuple) -> dict:
+    """`pack_step`'s arrays back as {"inputs": {...}, "from_prev": array, "sampling": {...}}
+    (static slices: free inside the compiled step)."""
+    out: dict = {"inputs": {}, "sampling": {}, "from_prev": None}
+    for where, name, i, off, shape in layout[1]:
+        a = packs[i][off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        if where == "from_prev":
+            out["from_prev"] = a
+        else:
+            out[where][name] = a
+    return out
+
 
 def _abstract(tree):
     """Shapes, dtypes and shardings of a tree of arrays (or of ShapeDtypeStructs)."""

@@ -17,8 +17,14 @@ power-of-two chunks of K (Triton's tensors are powers of two; SwiGLU's 14336 = 7
 keeps the chunks in registers for the sum of squares, the row max and the quantized store,
 and writes one byte per element plus the scale: one read of the input, nothing in between.
 
-Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU tests) and "auto":
-the kernel on a GPU where the shape chunks, XLA elsewhere; `KILN_ACT_QUANT` overrides "auto".
+Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU tests) and "auto",
+which is XLA for now (`KILN_ACT_QUANT=pallas` selects the kernel). Measured on the H100
+(BENCHMARKS.md, session 5): alone the kernel is 1.2-1.9x faster than XLA's lowering of the same
+op, but inside the fp8 step it made the step slower (decode 11.08 -> 11.23 ms of kernels,
+2048-token step 32.8 -> 34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the
+residual add) into its quantization fusions, and a custom call as the consumer makes XLA write
+the scaled GEMM output out first (an extra pass over [M, 28672] per layer). The kernel pays
+once it takes the raw GEMM output and the two scale vectors itself (not done).
 Under tensor parallelism the callers keep XLA: a per-token max over a sharded axis needs the
 partitioner's all-reduce, which a custom call does not get.
 """
@@ -157,10 +163,10 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
 
 
 def resolve_impl(impl: str, k: int) -> str:
-    """"auto" (or `KILN_ACT_QUANT`): the kernel on a GPU where K chunks, XLA elsewhere."""
+    """"auto" (or `KILN_ACT_QUANT`): XLA (see the module doc); an explicit kernel where K chunks."""
     impl = requested_impl(impl, IMPLS, "KILN_ACT_QUANT", "activation quantization")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and _chunking(k) else "xla"
+        return "xla"
     if _chunking(k) is None:
         return "xla"  # no chunking of this width: the reference (rows wider than MAX_CHUNKS chunks)
     return impl

@@ -56,3 +56,35 @@ def test_builder_equals_per_sequence_build():
         eng.step()
     assert eng.stats().preemptions > 0 and len(checked) > 50 and max(checked) == 6
     assert sorted(eng.scheduler._free_slots) == list(range(6))  # every slot came back
+
+
+def test_packed_step_inputs_round_trip():
+    """The runner sends a step's host arrays as one flat array per dtype (`pack_step`); the
+    jitted step slices them back (`unpack_step`): every array bit for bit, the layout static."""
+    import jax
+
+    from kiln.runtime.runner import pack_step, unpack_step
+
+    eng = make_engine(num_blocks=24, max_num_seqs=6, max_num_tokens=16)
+    batches = []
+    build = eng.builder.build
+    eng.builder.build = lambda plan: batches.append(build(plan)) or batches[-1]
+    eng.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=4, temperature=0.7, top_k=5, seed=1,
+                                                    repetition_penalty=1.2))
+    eng.add_request([6] * 11, SamplingParams(max_tokens=3))
+    while eng.has_unfinished():
+        eng.step()
+    assert len(batches) >= 3
+    for b in batches:
+        layout, packs = pack_step(b)
+        dtypes = {np.dtype(a.dtype).str for a in [*b.inputs.values(), b.from_prev, *b.sampling.values()]}
+        assert len(packs) == len(dtypes) == len(layout[0])  # one host array per dtype
+        for got in (unpack_step(packs, layout), jax.jit(unpack_step, static_argnums=1)(packs, layout)):
+            assert sorted(got["inputs"]) == sorted(b.inputs) and sorted(got["sampling"]) == sorted(b.sampling)
+            np.testing.assert_array_equal(np.asarray(got["from_prev"]), b.from_prev)
+            for where in ("inputs", "sampling"):
+                for k, a in getattr(b, where).items():
+                    g = np.asarray(got[where][k])
+                    assert g.dtype == a.dtype and g.shape == a.shape, (where, k)
+                    np.testing.assert_array_equal(g, a)
+        assert pack_step(b)[0] == layout and hash(layout)  # hashable: a static argument of the step

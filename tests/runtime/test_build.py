@@ -138,9 +138,11 @@ def test_build_buckets_and_compiler_options(built):
     eng = LLM(str(built[1]))
     r = eng.runner
     assert r.compiler_options == {"xla_gpu_enable_triton_gemm": False}
+    seqs, tokens = r.max_num_seqs, r.max_num_tokens
     r.max_num_seqs, r.max_num_tokens = 20, 256
     assert [len(b.inputs["token_ids"]) for b in r.build_batches()] == [16, 32, 256]
     assert [len(b.inputs["token_ids"]) for b in r._warmup_batches()] == [16, 32, 64, 128, 256]
+    r.max_num_seqs, r.max_num_tokens = seqs, tokens
     r.set_compiler_options({"xla_no_such_option_here": 1})
     assert r.compiler_options == {}
     assert _tokens(eng) == _tokens(LLM(str(built[1])))
