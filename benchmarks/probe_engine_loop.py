@@ -36,7 +36,7 @@ def main():
     from kiln import LLM
     from kiln.runtime import bench
 
-    opts = {"xla_gpu_enable_triton_gemm": "false"}
+    opts = {"xla_gpu_enable_triton_gemm": False}  # cuBLAS GEMMs, as bench_e2e.py --compiler-option
     llm = LLM(f"random:{a.preset}", dtype="bfloat16", quantization=a.quant, max_model_len=2304, max_num_seqs=512,
               max_num_tokens=4096, kv_cache_dtype=a.kv_cache_dtype, num_kv_blocks=a.num_kv_blocks,
               compiler_options=opts)
