@@ -28,7 +28,7 @@ from bench_attention import bench, ceilings  # noqa: E402
 from kiln.runtime.kernels import act_quant as aq  # noqa: E402
 
 E, F, LAYERS = 4096, 14336, 32
-KINDS = [("rms_norm", E), ("add_rms_norm", E), ("rows", E), ("swiglu", F)]
+KINDS = [("rms_norm", E), ("add_rms_norm", E), ("rows", E), ("swiglu", F), ("swiglu_scaled", F)]
 CONFIGS = [aq.ActQuantConfig(br, w) for br, w in ((1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8))]
 
 
@@ -36,6 +36,10 @@ def inputs(kind, m, k, i):
     key = jax.random.PRNGKey(i)
     if kind == "swiglu":
         return [jax.random.normal(key, (m, 2, k), jnp.bfloat16)]
+    if kind == "swiglu_scaled":  # a W8A8 GEMM's unscaled output and its token / channel scales
+        return [jax.random.normal(key, (m, 2, k), jnp.bfloat16) * 100,
+                jax.random.uniform(jax.random.fold_in(key, 1), (m, 1)) * 0.05,
+                jax.random.uniform(jax.random.fold_in(key, 2), (2, k)) * 0.01]
     xs = [jax.random.normal(jax.random.fold_in(key, j), (m, k), jnp.bfloat16) * 3
           for j in range(2 if kind == "add_rms_norm" else 1)]
     return xs + ([jax.random.normal(jax.random.fold_in(key, 9), (k,), jnp.bfloat16) * 0.2 + 1] if kind != "rows" else [])
@@ -53,7 +57,7 @@ def stack_fn(kind, impl, cfg=None):
 
 
 def nbytes(kind, m, k) -> int:
-    read = m * k * 2 * (2 if kind in ("swiglu", "add_rms_norm") else 1)
+    read = m * k * 2 * (2 if kind in ("swiglu", "swiglu_scaled", "add_rms_norm") else 1)
     return read + m * k + m * 4
 
 

@@ -58,6 +58,10 @@ class LowerCtx:
         # tensor parallel (passes/sharding.py): `shard.attention(fn, *args)` runs an attention
         # body per kv-head shard; `shard.constrain(x, type)` places a node's output
         self.shard = shard
+        # what a lowering leaves for the lowerings of its readers, keyed by id() of the value it
+        # returned (an entry holds that value: a match is checked with `is`). passes/fp8_act.py:
+        # a W8A8 matmul's unscaled GEMM output and scales, which a SwiGLU consumes directly.
+        self.notes: dict[int, tuple] = {}
 
 
 def jnp_dtype(name: str):

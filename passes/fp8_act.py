@@ -87,6 +87,11 @@ def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
 def _swiglu_fp8_lower(ctx, gu, *, min_tokens=None):
     if _rows(gu[..., 0, :]) < w8a8_tokens(min_tokens):
         return REGISTRY["swiglu"].lower(ctx, gu)
+    note = getattr(ctx, "notes", {}).get(id(gu))
+    if note is not None and note[0] is gu:  # gu is a W8A8 product: read its unscaled GEMM output
+        # and scales instead (the scaled gu is then dead): the kernel applies the scales itself,
+        # no pass over gu in between (XLA's path computes the same values)
+        return QAct(*act_quant.act_quant("swiglu_scaled", *note[1:], impl=_act_impl(ctx)))
     return QAct(*act_quant.act_quant("swiglu", gu, impl=_act_impl(ctx)))
 
 
@@ -101,13 +106,15 @@ register_op("swiglu_fp8", lambda a, gu: _fp8_type(REGISTRY["swiglu"].shape(a, gu
 
 
 def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str, out_dtype, w8a8_min_tokens,
-               impl: str = "auto", act_impl: str = "auto"):
+               impl: str = "auto", act_impl: str = "auto", raw_out: dict | None = None):
     """qlinear{fp8} for an out-major weight [*out, in] or a quantized activation. `x` is a
     QAct (W8A8: one FP8 GEMM, both operands K-major, then the token and channel scales) or a
     plain activation (W8A16 below the W8A8 token count, through `quant_matmul`: XLA's
     convert-in-dot or the dequantizing kernel, chosen per token bucket by `impl` ("auto":
     the engine's autotune table, then the static rule); quantized here at or above it, by
-    `act_impl` (runtime/kernels/act_quant.py))."""
+    `act_impl` (runtime/kernels/act_quant.py)). With `raw_out` (a dict), a W8A8 product without
+    bias also leaves there "raw": (the unscaled GEMM output [..., *out], the token scales
+    [..., 1], the channel scales [*out]), for a reader that applies the scales itself."""
     n_out = math.prod(scale.shape)
     out = scale.shape
     dtype = jnp.dtype(out_dtype) if out_dtype else x.dtype
@@ -121,8 +128,10 @@ def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str
         # "dequantize then matmul" with unit scales: XLA's GEMM rewriter makes it one
         # __cublas$lt$matmul$f8 call (fp32 accumulation, bf16 out)
         dims = (((1,), (1,)), ((), ())) if nk else (((1,), (0,)), ((), ()))
-        y = jax.lax.dot_general(xq.astype(dtype), w2.astype(dtype), dims)
-        y = (y.astype(jnp.float32) * sa * scale.reshape(1, n_out).astype(jnp.float32)).astype(dtype)
+        raw = jax.lax.dot_general(xq.astype(dtype), w2.astype(dtype), dims)
+        y = (raw.astype(jnp.float32) * sa * scale.reshape(1, n_out).astype(jnp.float32)).astype(dtype)
+        if raw_out is not None and not bias:
+            raw_out["raw"] = (raw.reshape(lead + out), sa.reshape(lead + (1,)), scale)
     else:
         from kiln.runtime.kernels.quant_matmul import quant_matmul
 

@@ -202,8 +202,12 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
     if mode == "fp8" and (w_layout == "nk" or out_dtype is not None):  # passes/fp8_act.py's forms
         from kiln.passes.fp8_act import fp8_linear
 
-        return fp8_linear(x, w, scale, *extras, in_features=in_features, bias=bias, w_layout=w_layout,
-                          out_dtype=out_dtype, w8a8_min_tokens=w8a8_min_tokens, impl=qimpl, act_impl=qimpl)
+        raw: dict = {}
+        y = fp8_linear(x, w, scale, *extras, in_features=in_features, bias=bias, w_layout=w_layout,
+                       out_dtype=out_dtype, w8a8_min_tokens=w8a8_min_tokens, impl=qimpl, act_impl=qimpl, raw_out=raw)
+        if "raw" in raw and hasattr(ctx, "notes"):  # the unscaled product, for a reader that scales it itself
+            ctx.notes[id(y)] = (y, *raw["raw"])
+        return y
     if mode == "int4_wo":
         minimum, extras = extras[0], extras[1:]
     if smooth:

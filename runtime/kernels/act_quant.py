@@ -6,6 +6,8 @@ kernel (Triton backend on the GPU, `interpret=True` on the CPU) beside its plain
     rms_norm       x [M, K], w [K]             x * rsqrt(mean(x^2) + eps) * (offset + w)
     add_rms_norm   x, r [M, K], w [K]          rms_norm(x + r)   (the sum rounded to x's dtype first)
     swiglu         gu [M, 2, F]                silu(gu[:, 0]) * gu[:, 1]
+    swiglu_scaled  g [M, 2, F], sa [M, 1],     swiglu(gu), gu = (g * sa * ws) rounded to g's dtype:
+                   ws [2, F]                   the raw output of a W8A8 GEMM and its two scales
 
     -> q f8e4m3 [M, K] = y / s,   s f32 [M, 1] = max(max|y|, 1e-12) / 448   (one scale per token)
 
@@ -17,14 +19,15 @@ power-of-two chunks of K (Triton's tensors are powers of two; SwiGLU's 14336 = 7
 keeps the chunks in registers for the sum of squares, the row max and the quantized store,
 and writes one byte per element plus the scale: one read of the input, nothing in between.
 
-Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU tests) and "auto",
-which is XLA for now (`KILN_ACT_QUANT=pallas` selects the kernel). Measured on the H100
-(BENCHMARKS.md, session 5): alone the kernel is 1.2-1.9x faster than XLA's lowering of the same
-op, but inside the fp8 step it made the step slower (decode 11.08 -> 11.23 ms of kernels,
-2048-token step 32.8 -> 34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the
-residual add) into its quantization fusions, and a custom call as the consumer makes XLA write
-the scaled GEMM output out first (an extra pass over [M, 28672] per layer). The kernel pays
-once it takes the raw GEMM output and the two scale vectors itself (not done).
+Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU tests) and "auto":
+the kernel on a GPU for `swiglu_scaled` only, XLA for the other kinds (`KILN_ACT_QUANT=pallas`
+selects the kernel for all). Measured on the H100 (BENCHMARKS.md, session 5): alone the kernel
+is 1.2-1.9x faster than XLA's lowering of the same op, but fed the scaled GEMM output inside the
+fp8 step it made the step slower (decode 11.08 -> 11.23 ms of kernels, 2048-token step 32.8 ->
+34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the residual add) into its own
+quantization fusions, and a custom call as the consumer makes XLA write the scaled output out
+first (an extra pass over [M, 28672] per layer). `swiglu_scaled` takes the raw GEMM output and
+the two scale vectors itself, so nothing is written in between.
 Under tensor parallelism the callers keep XLA: a per-token max over a sharded axis needs the
 partitioner's all-reduce, which a custom call does not get.
 """
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 
 from kiln.runtime.kernels import requested_impl
 
-KINDS = ("rows", "rms_norm", "add_rms_norm", "swiglu")
+KINDS = ("rows", "rms_norm", "add_rms_norm", "swiglu", "swiglu_scaled")
 IMPLS = ("auto", "xla", "pallas", "interpret")
 FP8_MAX = 448.0
 MAX_CHUNK = 4096       # elements of K per load
@@ -64,6 +67,10 @@ def _value(kind: str, xs, *, eps: float, offset: float):
     """The fp32 value to quantize, [..., K], from the op's inputs (the XLA path's order of operations)."""
     if kind == "rows":
         return xs[0].astype(jnp.float32)
+    if kind == "swiglu_scaled":  # the W8A8 GEMM's epilogue as fp8_linear writes it, then the SwiGLU
+        g, sa, ws = xs
+        xs = (((g.astype(jnp.float32) * sa[..., None]) * ws.astype(jnp.float32)).astype(g.dtype),)
+        kind = "swiglu"
     if kind == "swiglu":
         gu = xs[0]
         return jax.nn.silu(gu[..., 0, :].astype(jnp.float32)) * gu[..., 1, :].astype(jnp.float32)
@@ -102,6 +109,12 @@ def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offse
 
     def load(c):
         sl = pl.ds(c * chunk, chunk)
+        if kind == "swiglu_scaled":  # ins: gate, up (raw GEMM output), sa [rows, 1], ws gate, ws up
+            dt = ins[0].dtype
+            sa = ins[2][...]
+            g = ((ins[0][:, sl].astype(jnp.float32) * sa) * ins[3][:, sl]).astype(dt).astype(jnp.float32)
+            u = ((ins[1][:, sl].astype(jnp.float32) * sa) * ins[4][:, sl]).astype(dt).astype(jnp.float32)
+            return g * jax.nn.sigmoid(g) * u
         if kind == "swiglu":
             g, u = ins[0][:, sl].astype(jnp.float32), ins[1][:, sl].astype(jnp.float32)
             return g * jax.nn.sigmoid(g) * u
@@ -139,11 +152,17 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
     br = cfg.block_rows
     mp = -(-m // br) * br
     norm = kind.endswith("norm")
-    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) for x in (xs[:-1] if norm else xs)]
+    rowed = xs[:-1] if norm or kind == "swiglu_scaled" else xs  # inputs with one row per token
+    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) for x in rowed]
     row = pl.BlockSpec((br, k), lambda i: (i, 0))
-    if kind == "swiglu":  # the gate and up halves as two row blocks of the one array
+    if kind in ("swiglu", "swiglu_scaled"):  # the gate and up halves as two row blocks of the one array
         args = (acts[0], acts[0])
         in_specs = [pl.BlockSpec((br, None, k), lambda i: (i, 0, 0)), pl.BlockSpec((br, None, k), lambda i: (i, 1, 0))]
+        if kind == "swiglu_scaled":
+            ws = xs[2].astype(jnp.float32).reshape(2, 1, k)
+            args += (acts[1].astype(jnp.float32), ws, ws)
+            in_specs += [pl.BlockSpec((br, 1), lambda i: (i, 0)), pl.BlockSpec((None, 1, k), lambda i: (0, 0, 0)),
+                         pl.BlockSpec((None, 1, k), lambda i: (1, 0, 0))]
     else:
         args = tuple(acts) + ((xs[-1].reshape(1, k),) if norm else ())
         in_specs = [row] * len(acts) + ([pl.BlockSpec((1, k), lambda i: (0, 0))] if norm else [])
@@ -162,11 +181,12 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
 # --------------------------------------------------------------------------- dispatch
 
 
-def resolve_impl(impl: str, k: int) -> str:
-    """"auto" (or `KILN_ACT_QUANT`): XLA (see the module doc); an explicit kernel where K chunks."""
+def resolve_impl(impl: str, k: int, kind: str = "swiglu_scaled") -> str:
+    """"auto" (or `KILN_ACT_QUANT`): the kernel on a GPU for `swiglu_scaled`, XLA for the other
+    kinds (see the module doc); an explicit kernel wherever K chunks."""
     impl = requested_impl(impl, IMPLS, "KILN_ACT_QUANT", "activation quantization")
     if impl == "auto":
-        return "xla"
+        return "pallas" if kind == "swiglu_scaled" and jax.default_backend() == "gpu" and _chunking(k) else "xla"
     if _chunking(k) is None:
         return "xla"  # no chunking of this width: the reference (rows wider than MAX_CHUNKS chunks)
     return impl
@@ -179,12 +199,12 @@ def act_quant(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, impl: str =
     if kind not in KINDS:
         raise ValueError(f"unknown activation kind {kind!r}; choose one of {', '.join(KINDS)}")
     k = xs[0].shape[-1]
-    lead = xs[0].shape[:-2] if kind == "swiglu" else xs[0].shape[:-1]
-    impl = resolve_impl(impl, k)
+    lead = xs[0].shape[:-2] if kind.startswith("swiglu") else xs[0].shape[:-1]
+    impl = resolve_impl(impl, k, kind)
     if impl == "xla":
         return act_quant_reference(kind, *xs, eps=eps, offset=offset)
     m = math.prod(lead)
-    n_acts = len(xs) - 1 if kind.endswith("norm") else len(xs)  # a norm's weight is last
+    n_acts = len(xs) - 1 if kind.endswith("norm") or kind == "swiglu_scaled" else len(xs)  # the weight is last
     flat = tuple(x.reshape((m,) + x.shape[len(lead):]) if i < n_acts else x for i, x in enumerate(xs))
     q, s = act_quant_pallas(kind, *flat, eps=eps, offset=offset, config=config, interpret=impl == "interpret")
     return q.reshape(lead + (k,)), s.reshape(lead + (1,))

@@ -27,6 +27,9 @@ def _inputs(rng, kind, lead, k, dtype):
 
     if kind == "swiglu":
         xs = [act(lead + (2, k))]
+    elif kind == "swiglu_scaled":  # a W8A8 GEMM's unscaled output, its token and channel scales
+        return [jnp.asarray(act(lead + (2, k)) * 100, dtype), jnp.asarray(rng.uniform(1e-3, 0.1, lead + (1,)), jnp.float32),
+                jnp.asarray(rng.uniform(1e-4, 1e-2, (2, k)), jnp.float32)]
     else:
         xs = [act(lead + (k,)) for _ in range(2 if kind == "add_rms_norm" else 1)]
         if kind != "rows":
@@ -38,13 +41,14 @@ def _codes(q):
     return np.asarray(q).view(np.uint8)
 
 
-@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(aq.KINDS), lead=st.sampled_from([(1,), (5,), (3, 7), (33,)]),
        k=st.sampled_from((64, 256, 448, 1536)), block_rows=st.sampled_from((1, 2, 4)),
        dtype=st.sampled_from(("float32", "bfloat16")), offset=st.sampled_from((0.0, 1.0)), seed=st.integers(0, 2**16))
 def test_kernel_equals_reference(kind, lead, k, block_rows, dtype, offset, seed):
     """Every kind on odd row counts (padded to the row block), leading axes of rank 1-2, one
-    chunk or several (448 = 7 x 64, 1536 = 3 x 512), 16- and 32-bit inputs, Gemma's (1 + w)."""
+    chunk or several (448 = 7 x 64, 1536 = 3 x 512), 16- and 32-bit inputs, Gemma's (1 + w),
+    SwiGLU over a W8A8 GEMM's unscaled output with its two scale vectors."""
     xs = _inputs(np.random.default_rng(seed), kind, lead, k, dtype)
     kw = dict(eps=1e-5, offset=offset) if kind.endswith("norm") else {}
     q, s = aq.act_quant(kind, *xs, impl="interpret", config=aq.ActQuantConfig(block_rows=block_rows), **kw)
@@ -73,7 +77,11 @@ def test_against_numpy():
 
 
 def test_dispatch(monkeypatch):
-    assert aq.resolve_impl("auto", 4096) == "xla"  # XLA by default (slower inside the H100 step: module doc)
+    # XLA by default on the CPU; on a GPU the kernel only for swiglu_scaled (module doc)
+    assert aq.resolve_impl("auto", 4096, "swiglu_scaled") == "xla" and aq.resolve_impl("auto", 4096, "rms_norm") == "xla"
+    monkeypatch.setattr(aq.jax, "default_backend", lambda: "gpu")
+    assert aq.resolve_impl("auto", 14336, "swiglu_scaled") == "pallas" and aq.resolve_impl("auto", 4096, "swiglu") == "xla"
+    monkeypatch.undo()
     monkeypatch.setenv("KILN_ACT_QUANT", "interpret")
     assert aq.resolve_impl("auto", 4096) == "interpret"
     assert aq.resolve_impl("xla", 4096) == "xla"  # explicit wins
@@ -96,9 +104,9 @@ def ckpt(tmp_path_factory):
 
 
 def test_fp8_model_kernel_equals_xla(ckpt, monkeypatch):
-    """An fp8 model (W8A8 from 16 tokens here) whose 4 quantized activations per layer (the
-    two norms, SwiGLU, the attention output) go through the kernel: the same logits as XLA's path
-    within the norms' last-bit differences, and the same greedy tokens."""
+    """An fp8 model (W8A8 from 4 tokens here) whose 4 quantized activations per layer (the
+    two norms, the attention output, and SwiGLU straight from the gate/up GEMM's unscaled output)
+    go through the kernel: the same greedy tokens as XLA's path."""
     from tests.runtime.kernels.test_quant_matmul import _greedy
 
     monkeypatch.setattr(qops, "FP8_W8A8_MIN_TOKENS", 4)  # every step W8A8, decode included
@@ -113,5 +121,6 @@ def test_fp8_model_kernel_equals_xla(ckpt, monkeypatch):
     monkeypatch.setattr(aq, "act_quant_pallas", lambda kind, *a, **kw: calls.append(kind) or kernel(kind, *a, **kw))
     assert _greedy(g, p, prompt, 5) == want
     layers = graph.meta["num_layers"]
-    per_step = ["rms_norm", "rows", "add_rms_norm", "swiglu"] + ["add_rms_norm", "rows", "add_rms_norm", "swiglu"] * (layers - 1)
+    per_step = ["rms_norm", "rows", "add_rms_norm", "swiglu_scaled"] + ["add_rms_norm", "rows", "add_rms_norm",
+                                                                      "swiglu_scaled"] * (layers - 1)
     assert calls and len(calls) % len(per_step) == 0 and sorted(calls[:len(per_step)]) == sorted(per_step)
