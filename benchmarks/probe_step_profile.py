@@ -288,7 +288,7 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
 # --------------------------------------------------------------------------- MLP stack part
 
 
-def mlp_part(layers: int = 32, E: int = 4096, F: int = 14336) -> dict:
+def mlp_part(layers: int = 32, E: int = 4096, F: int = 14336, which: str = "default") -> dict:
     """The MLP stack per spelling, M and XLA option: run time, TFLOP/s, compile time, GEMM calls."""
     import jax
     import jax.numpy as jnp
@@ -327,6 +327,18 @@ def mlp_part(layers: int = 32, E: int = 4096, F: int = 14336) -> dict:
             x = x + lin(quantize_rows(swiglu32(lin(a, gq, gs, E))), dq, ds, F)
         return x
 
+    def stack_w8a8_kernel(x, qs):  # as the fp8 pipeline lowers it now: SwiGLU from the raw GEMM output
+        from kiln.runtime.kernels import act_quant
+
+        for (gq, gs), (dq, ds) in qs:
+            raw = {}
+            fp8_linear(quantize_rows(x.astype(jnp.float32)), gq, gs, in_features=E, bias=False, w_layout="nk",
+                       out_dtype="bfloat16", w8a8_min_tokens=256, raw_out=raw)
+            g, sa, ws = raw["raw"]
+            a = QAct(*act_quant.act_quant("swiglu_scaled", g.reshape(-1, 2, F), sa, ws.reshape(2, F)))
+            x = x + lin(a, dq, ds, F)
+        return x
+
     def stack_w8a16(x, qs):
         for (gq, gs), (dq, ds) in qs:
             x = x + lin(swiglu32(lin(x, gq, gs, E)).astype(x.dtype), dq, ds, F)
@@ -339,6 +351,11 @@ def mlp_part(layers: int = 32, E: int = 4096, F: int = 14336) -> dict:
             ("w8a16_nk", 256, stack_w8a16, nk, None),
             ("bf16", 16, stack_bf16, bf16, None), ("w8a16_nk", 16, stack_w8a16, nk, None),
             ("w8a16_nk_autotune0", 16, stack_w8a16, nk, {"xla_gpu_autotune_level": 0})]
+    if which == "w8a8":  # W8A8 against bf16 at M >= 1024 (issue #14), cuBLAS GEMMs for both
+        cub = {"xla_gpu_enable_triton_gemm": False}
+        runs = [(n, M, f, w, cub) for M in (1024, 2048, 4096)
+                for n, f, w in (("bf16", stack_bf16, bf16), ("w8a8_nk", stack_w8a8, nk),
+                                ("w8a8_nk_swiglu_kernel", stack_w8a8_kernel, nk))]
     res = {}
     flops_per_row = 2 * layers * (E * 2 * F + F * E)
     for name, M, f, w, opts in runs:
@@ -378,12 +395,14 @@ def main():
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--mlp-dims", default="32,4096,14336", help="layers,embed,mlp")
+    ap.add_argument("--mlp-set", default="default", choices=["default", "w8a8"],
+                    help="w8a8: bf16 vs W8A8 (XLA's SwiGLU quantization, the kernel's) at M = 1024, 2048, 4096")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.55)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--kv-cache-dtype", default=None, help="fp8: e4m3 KV cache")
     a = ap.parse_args()
     if a.mlp:
-        rep, name = mlp_part(*[int(v) for v in a.mlp_dims.split(",")]), "mlp"
+        rep, name = mlp_part(*[int(v) for v in a.mlp_dims.split(",")], which=a.mlp_set), f"mlp_{a.mlp_set}"
     else:
         q = None if a.quant == "none" else a.quant
         rep, name = engine_part(q, a.isl, a.osl, a.num_requests, a.gpu_memory_utilization, a.preset,

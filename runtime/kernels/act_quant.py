@@ -153,7 +153,7 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
     mp = -(-m // br) * br
     norm = kind.endswith("norm")
     rowed = xs[:-1] if norm or kind == "swiglu_scaled" else xs  # inputs with one row per token
-    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) for x in rowed]
+    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) if mp > m else x for x in rowed]
     row = pl.BlockSpec((br, k), lambda i: (i, 0))
     if kind in ("swiglu", "swiglu_scaled"):  # the gate and up halves as two row blocks of the one array
         args = (acts[0], acts[0])
