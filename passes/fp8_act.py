@@ -54,8 +54,9 @@ def quantize_rows(y) -> QAct:
 
 
 def _act_impl(ctx) -> str:
-    # runtime/kernels/act_quant.py's choice (XLA unless KILN_ACT_QUANT selects the kernel); XLA
-    # under tensor parallelism, where a per-token max over a sharded axis needs the partitioner's all-reduce
+    # runtime/kernels/act_quant.py's choice (on a GPU the kernel for SwiGLU from a raw W8A8 product,
+    # XLA elsewhere; KILN_ACT_QUANT overrides); XLA under tensor parallelism, where a per-token
+    # max over a sharded axis needs the partitioner's all-reduce
     return "xla" if getattr(ctx, "shard", None) is not None else "auto"
 
 
@@ -77,8 +78,8 @@ def _rms_norm_fp8_lower(ctx, x, w, *, eps, offset=0.0, min_tokens=None):
 
 
 def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
-    # the residual sum itself is read through part(add_rms_norm(..), 0); the kernel forms x + r
-    # again from its inputs (one more read of r, no round trip of the sum)
+    # the residual sum itself is read through part(add_rms_norm(..), 0); the kernel, where
+    # selected, forms x + r again from its inputs (one more read of r, no round trip of the sum)
     if _rows(x) < w8a8_tokens(min_tokens):
         return REGISTRY["rms_norm"].lower(ctx, x + r, w, eps=eps, offset=offset)
     return QAct(*act_quant.act_quant("add_rms_norm", x, r, w, eps=eps, offset=offset, impl=_act_impl(ctx)))

@@ -325,11 +325,12 @@ class Runner:
         with ThreadPoolExecutor(max(1, min(workers, len(batches)))) as pool:
             list(pool.map(compile_one, batches))
 
+
 def pack_step(batch: StepBatch) -> tuple[tuple, tuple[np.ndarray, ...]]:
     """A step's host arrays (inputs, from_prev, sampling) as one flat array per dtype, and the
     static layout that unpacks them (`unpack_step`, inside the jitted step). One host-to-device
-    copy per dtype instead of one per array: on the H100 host, dispatching a 512-sequence step
-    with its ~20 arrays took 3.5 ms of the engine loop's 10.8 ms per step."""
+    copy per dtype instead of one per array: on the H100 host it cut the dispatch of a
+    512-sequence step (~20 arrays) from 3.5 to 2.5 ms (BENCHMARKS.md, session 5)."""
     entries = [("inputs", k, v) for k, v in batch.inputs.items()] + [("from_prev", "", batch.from_prev)] + \
         [("sampling", k, v) for k, v in batch.sampling.items()]
     dtypes: list[str] = []
