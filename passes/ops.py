@@ -28,9 +28,10 @@ import jax.numpy as jnp
 
 from kiln.graph.ir import TensorType
 from kiln.graph.ops import REGISTRY, ShapeError, register_op
+from kiln.runtime.kernels.act_quant import quantize_rows
+from kiln.runtime.kernels.attention import FP8_MAX  # noqa: F401 (largest finite float8_e4m3fn; re-exported)
 from kiln.runtime.kernels.quant_matmul import quant_matmul, unpack_int4  # noqa: F401 (re-exported)
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 QUANT_MODES = ("fp8", "int8_wo", "int4_wo")
 
 
@@ -225,9 +226,7 @@ def _qlinear_lower(ctx, x, w, scale, *extras, mode, in_features, group_size=None
         # W8A8: dynamic per-token activation scale, per-channel weight scale. Written as
         # "dequantize then matmul" so XLA's GEMM rewriter emits one FP8 cuBLASLt call on Hopper;
         # the two scale vectors are applied to the product.
-        xf = x2.astype(jnp.float32)
-        sa = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), 1e-12) / FP8_MAX  # [M, 1]
-        xq = (xf / sa).astype(jnp.float8_e4m3fn)
+        xq, sa = quantize_rows(x2.astype(jnp.float32))  # [M, K] e4m3, [M, 1]
         y = jnp.matmul(xq.astype(x.dtype), w.reshape(in_features, n_out).astype(x.dtype))
         y = (y.astype(jnp.float32) * sa * scale.reshape(1, n_out).astype(jnp.float32)).astype(x.dtype)
     y = y.reshape(lead + out)

@@ -107,7 +107,7 @@ class EngineWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         (self.tmp / "compiled").mkdir()
-        self.weight_parts = None  # set by save_weights: the names of each part (KILN_SAVE_PART_GB)
+        self.weight_parts = None  # set by save_weights: the names in each part (None: one checkpoint)
 
     @property
     def compile_cache_dir(self) -> Path:
@@ -141,7 +141,7 @@ class EngineWriter:
         # restores them in one wave), for models of at least 2 GB a part; KILN_SAVE_PART_GB=N:
         # parts of at most N GB instead; KILN_SAVE_PART_GB=0: one checkpoint
         self.weight_parts = _save_parts(sizes)
-        self.save_note = (f"{len(self.weight_parts)} parts of <= {max(_part_bytes(sizes, p) for p in self.weight_parts) / 1e9:.1f} GB"
+        self.save_note = (f"{len(self.weight_parts)} parts of <= {max(sum(sizes[n] for n in p) for p in self.weight_parts) / 1e9:.1f} GB"
                           if self.weight_parts else
                           f"one checkpoint, device-to-host copies bounded to {save_gb} GB" if orbax_bounds_save() else
                           "one checkpoint, unbounded (this orbax has no save_device_host_concurrent_gb)")
@@ -331,10 +331,6 @@ def restore_weights(engine_dir: str | os.PathLike, manifest: dict, shardings=Non
 
 def _part_dir(i: int) -> str:
     return f"part-{i:03d}"
-
-
-def _part_bytes(sizes: dict[str, int], names) -> int:
-    return sum(sizes[n] for n in names)
 
 
 def _save_parts(sizes: dict[str, int]) -> list[list[str]] | None:

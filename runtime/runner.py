@@ -248,12 +248,11 @@ class Runner:
         prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         return self._fn.lower(_abstract(self.params), self._kv_like, prev, packs, **kw).compile()
 
-    def _executable(self, b: StepBatch, layout: tuple | None = None):
+    def _executable(self, b: StepBatch, layout: tuple):
         """The compiled step for `b`'s shape key. Several devices: jit's own dispatch (its
         shardings follow the arrays)."""
         key = b.shape_key
         if self.kv_shards > 1:
-            layout = layout or pack_step(b)[0]
             self._layouts[key] = layout
             return lambda *args: self._fn(*args, layout=layout, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
         fn = self._executables.get(key)

@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 
 from kiln.runtime.kernels import requested_impl
+from kiln.runtime.kernels.attention import FP8_MAX
 
 KINDS = ("rows", "rms_norm", "add_rms_norm", "swiglu", "swiglu_scaled")
 IMPLS = ("auto", "xla", "pallas", "interpret")
-FP8_MAX = 448.0
 MAX_CHUNK = 4096       # elements of K per load
 MAX_CHUNKS = 32        # chunks a row may take (all held in registers); wider rows stay on XLA
 
@@ -181,7 +181,7 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
 # --------------------------------------------------------------------------- dispatch
 
 
-def resolve_impl(impl: str, k: int, kind: str = "swiglu_scaled") -> str:
+def resolve_impl(impl: str, k: int, kind: str) -> str:
     """"auto" (or `KILN_ACT_QUANT`): the kernel on a GPU for `swiglu_scaled`, XLA for the other
     kinds (see the module doc); an explicit kernel wherever K chunks."""
     impl = requested_impl(impl, IMPLS, "KILN_ACT_QUANT", "activation quantization")

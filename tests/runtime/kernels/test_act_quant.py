@@ -83,24 +83,15 @@ def test_dispatch(monkeypatch):
     assert aq.resolve_impl("auto", 14336, "swiglu_scaled") == "pallas" and aq.resolve_impl("auto", 4096, "swiglu") == "xla"
     monkeypatch.undo()
     monkeypatch.setenv("KILN_ACT_QUANT", "interpret")
-    assert aq.resolve_impl("auto", 4096) == "interpret"
-    assert aq.resolve_impl("xla", 4096) == "xla"  # explicit wins
-    assert aq.resolve_impl("auto", 100) == "xla" and aq.resolve_impl("pallas", 100) == "xla"  # no chunk of 64 or more
+    assert aq.resolve_impl("auto", 4096, "rms_norm") == "interpret"
+    assert aq.resolve_impl("xla", 4096, "rms_norm") == "xla"  # explicit wins
+    assert aq.resolve_impl("auto", 100, "swiglu_scaled") == "xla" and aq.resolve_impl("pallas", 100, "rows") == "xla"  # no chunk of 64 or more
     assert aq._chunking(14336) == (2048, 7) and aq._chunking(4096) == (4096, 1) and aq._chunking(3 * 2**12 * 11) is None
     monkeypatch.setenv("KILN_ACT_QUANT", "fast")
     with pytest.raises(ConfigError, match="KILN_ACT_QUANT"):
-        aq.resolve_impl("auto", 4096)
+        aq.resolve_impl("auto", 4096, "rows")
     with pytest.raises(ValueError, match="unknown activation kind"):
         aq.act_quant("gelu", jnp.ones((2, 64)))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from tests.helpers import make_hf_checkpoint
-
-    path = tmp_path_factory.mktemp("llama_act_quant")
-    make_hf_checkpoint("llama", path)
-    return path
 
 
 def test_fp8_model_kernel_equals_xla(ckpt, monkeypatch):
