@@ -119,6 +119,9 @@ def main():
     ap.add_argument("--wide", action="store_true", help="a wider sweep (block_k 16-128, 1-4 warps, 1-4 stages)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: interpret mode, two configs")
     ap.add_argument("--mixed", action="store_true", help="only mixed decode + prefill steps (kernel choices, split)")
+    ap.add_argument("--configs", default=None,
+                    help="only these block_k/warps/stages configs, e.g. 32/2/2,64/4/3 (short runs under ncu)")
+    ap.add_argument("--dtypes", default=None, help="comma list of bf16,fp8 (default: bf16, and fp8 with --fp8)")
     a = ap.parse_args()
     ba.INTERPRET = a.smoke
     if a.mixed:
@@ -136,7 +139,10 @@ def main():
         sweep = [(32, 4, 2), (64, 4, 3)]
     elif a.wide:
         sweep = list(itertools.product((16, 32, 64, 128), (1, 2, 4), (1, 2, 3, 4)))
-    for dtype in ["bf16"] + (["fp8"] if a.fp8 else []):
+    if a.configs:
+        sweep = [tuple(int(x) for x in c.split("/")) for c in a.configs.split(",")]
+    dtypes = a.dtypes.split(",") if a.dtypes else ["bf16"] + (["fp8"] if a.fp8 else [])
+    for dtype in dtypes:
         for seqs, ctx in itertools.product([int(x) for x in a.seqs.split(",")], [int(x) for x in a.ctx.split(",")]):
             q, k, v, seq_ids, bt, lens, qsl, kv_bytes = inputs(seqs, ctx, dtype)
             scales = dict(k_scale=jnp.float32(0.5), v_scale=jnp.float32(0.5)) if dtype == "fp8" else {}
