@@ -90,9 +90,14 @@ def mixed(dtype: str) -> list:
             parts.update(decode_only=(bucket(n_dec, 16), n_dec, 0), prefill_only=(bucket(n_pre * chunk, 16), 0, n_pre))
         for part, (t, nd, npre) in parts.items():
             q, k, v, seq_ids, bt, lens, qsl = mixed_inputs(t, nd, npre, chunk, dtype, S=S)
-            d = choose_config(t, S, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2 if dtype == "bf16" else 1)
-            cfgs = {"triton_default": d, "triton_bq4_k32_2w2s": KernelConfig(4, 32, 1, 2, 2),
-                    "triton_bq8_k64": KernelConfig(8, 64, 1, 4, 2), "triton_bq16_k64": KernelConfig(16, 64, 1, 4, 2)}
+            d = choose_config(t, S, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2,
+                              kv_itemsize=2 if dtype == "bf16" else 1)
+            cfgs = {"triton_default": d, "triton_bq16_k64": KernelConfig(16, 64, 1, 4, 2),
+                    "triton_bq16_k64_4w1s": KernelConfig(16, 64, 1, 4, 1),
+                    "triton_bq16_k32_4w1s": KernelConfig(16, 32, 1, 4, 1),
+                    "triton_bq16_k64_8w1s": KernelConfig(16, 64, 1, 8, 1),
+                    "triton_bq32_k64_4w1s": KernelConfig(32, 64, 1, 4, 1),
+                    "triton_bq8_k64_2w1s": KernelConfig(8, 64, 1, 2, 1)}
             for name, cfg in cfgs.items():
                 f = jax.jit(lambda q, k, v, cfg=cfg: ragged_paged_attention(q, k, v, seq_ids, bt, lens, qsl,
                                                                             scale=D ** -0.5, config=cfg, **scales))
@@ -146,8 +151,8 @@ def main():
         for seqs, ctx in itertools.product([int(x) for x in a.seqs.split(",")], [int(x) for x in a.ctx.split(",")]):
             q, k, v, seq_ids, bt, lens, qsl, kv_bytes = inputs(seqs, ctx, dtype)
             scales = dict(k_scale=jnp.float32(0.5), v_scale=jnp.float32(0.5)) if dtype == "fp8" else {}
-            default = choose_config(seqs, seqs, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE,
-                                    itemsize=2 if dtype == "bf16" else 1)
+            default = choose_config(seqs, seqs, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2,
+                                    kv_itemsize=2 if dtype == "bf16" else 1)
             case = {"dtype": dtype, "seqs": seqs, "ctx_max": ctx, "kv_MB": kv_bytes / 1e6, "default": str(default)}
 
             def whole(cfg):
@@ -159,7 +164,8 @@ def main():
             case["default_whole_us"], case["default_whole_GBps"] = t * 1e6, kv_bytes / t / 1e9
             rows = []
             for bk, warps, stages in sweep:
-                cfg = KernelConfig(block_q=default.block_q, block_k=bk, splits=1, num_warps=warps, num_stages=stages)
+                cfg = KernelConfig(block_q=default.block_q, block_k=bk, splits=default.splits, num_warps=warps,
+                                   num_stages=stages)
                 try:
                     c, args, _ = kernel_inputs(q, k, bt, lens, qsl, config=cfg, **scales)
                     f = jax.jit(lambda *xs: kernel_call(c, *xs, group=H // KVH, scale=D ** -0.5,
@@ -174,7 +180,7 @@ def main():
             best = min(ok, key=lambda r: r["kernel_us"])
             cur = next((r for r in ok if (r["block_k"], r["warps"], r["stages"]) ==
                         (default.block_k, default.num_warps, default.num_stages)), None)
-            bcfg = KernelConfig(block_q=default.block_q, block_k=best["block_k"], splits=1, num_warps=best["warps"],
+            bcfg = KernelConfig(block_q=default.block_q, block_k=best["block_k"], splits=default.splits, num_warps=best["warps"],
                                 num_stages=best["stages"])
             out = whole(bcfg)(q, k, v)
             err = float(jnp.linalg.norm((out - ref_out).astype(jnp.float32)) /

@@ -64,13 +64,16 @@ def _pow2(n: int) -> int:
 
 
 def choose_config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int,
-                  block_size: int, max_context: int, num_cores: int = 132, itemsize: int = 2) -> KernelConfig:
+                  block_size: int, max_context: int, num_cores: int = 132, itemsize: int = 2,
+                  kv_itemsize: int | None = None) -> KernelConfig:
     """Static tile choice from static shapes. Decode-shaped batches (one token per sequence)
     get the smallest tile that feeds a tensor-core matmul (16 rows), and split-K only while
     the grid is too small to fill the GPU twice; prefill-shaped batches get 128-row tiles.
-    Block sizes, warps and stages are the best of the H100 sweep in BENCHMARKS.md."""
+    Block sizes, warps and stages are the best of the H100 sweep in BENCHMARKS.md. `itemsize`
+    is the widest of q and the pools (shared-memory sizing), `kv_itemsize` the pools' own."""
     gp = _pow2(group)
-    cfg = _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_context, num_cores)
+    cfg = _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_context, num_cores,
+                  kv_itemsize or itemsize)
     # shrink the tiles until K/V stages and the q tile fit in shared memory (fp32, head dim 256)
     bq, bk = cfg.block_q, cfg.block_k
     while _smem_bytes(bq * gp, bk, head_dim, cfg.num_stages, itemsize) > SMEM_BUDGET and bk > 16:
@@ -87,7 +90,8 @@ def _smem_bytes(rows: int, block_k: int, head_dim: int, stages: int, itemsize: i
     return (stages * 2 * block_k + rows) * head_dim * itemsize
 
 
-def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_context, num_cores) -> KernelConfig:
+def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_context, num_cores,
+            kv_itemsize) -> KernelConfig:
     if num_tokens <= max(num_seqs, 16):  # decode-shaped: about one token per sequence
         block_q = max(1, 16 // gp)
         block_k = _fit_block_k(64 if head_dim <= 128 else 32, block_size)
@@ -96,11 +100,15 @@ def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_co
         max_splits = max(1, max_context // (4 * block_k))
         while tiles * num_kv_heads * splits < 2 * num_cores and splits * 2 <= min(32, max_splits):
             splits *= 2
-        if splits == 1 and max_context <= 512 and head_dim <= 128:
-            # many short sequences (a serving batch): smaller key steps, 2 warps, more programs per SM
-            # (H100, 512 sequences of <= 256 tokens: 223 -> 205 us bf16, 125 -> 106 us fp8;
-            # bench_decode_batch.py in BENCHMARKS.md)
-            return KernelConfig(block_q, _fit_block_k(32, block_size), 1, num_warps=2, num_stages=2)
+        if splits == 1 and head_dim <= 128:
+            # a serving batch (the grid fills the GPU without split-K): K/V straight into registers,
+            # no cp.async ring (num_stages 1). Under ncu the ring's fp8 tiles were read back from
+            # shared memory with 8-way bank conflicts (L1 78% busy, DRAM 47%). H100, 512 sequences
+            # (bench_decode_batch.py --wide in BENCHMARKS.md): fp8 ctx <= 256 154 -> 114 us, <= 1024
+            # 505 -> 356 us; bf16 206 -> 176 us, 716 -> 634 us
+            if kv_itemsize == 1:
+                return KernelConfig(block_q, _fit_block_k(64, block_size), 1, num_warps=2, num_stages=1)
+            return KernelConfig(block_q, _fit_block_k(16, block_size), 1, num_warps=1, num_stages=1)
         return KernelConfig(block_q, block_k, splits, num_warps=4, num_stages=3)
     # prefill-shaped. With many sequence rows per token (a throughput step: hundreds of decode
     # tokens beside a few prefill chunks) every decode token fills a tile alone: 64-row tiles
@@ -271,7 +279,8 @@ def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_s
     group = h // kvh
     gp = _pow2(group)
     cfg = config or choose_config(t, s, kvh, group, d, page, width * page,
-                                  itemsize=max(jnp.dtype(q.dtype).itemsize, jnp.dtype(k_pool.dtype).itemsize))
+                                  itemsize=max(jnp.dtype(q.dtype).itemsize, jnp.dtype(k_pool.dtype).itemsize),
+                                  kv_itemsize=jnp.dtype(k_pool.dtype).itemsize)
     bq, bk = cfg.block_q, cfg.block_k
     if not (bk % page == 0 or page % bk == 0):
         raise ValueError(f"block_k {bk} must be a multiple or a divisor of the page size {page}")
