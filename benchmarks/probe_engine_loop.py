@@ -31,9 +31,24 @@ def main():
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--osl", type=int, default=128)
     ap.add_argument("--num-requests", type=int, default=1024)
+    ap.add_argument("--attention-config", default=None,
+                    help="force the decode attention tiles: block_k/warps/stages (an A/B against the default)")
     a = ap.parse_args()
 
     from kiln import LLM
+    if a.attention_config:
+        import dataclasses
+
+        from kiln.runtime.kernels import ragged_paged_attention as rpa
+        bk, warps, stages = (int(x) for x in a.attention_config.split("/"))
+        choose = rpa._choose
+
+        def forced(*args):
+            cfg = choose(*args)
+            if cfg.splits == 1 and cfg.block_q * 4 <= 16:  # decode-shaped tiles only
+                cfg = dataclasses.replace(cfg, block_k=bk, num_warps=warps, num_stages=stages)
+            return cfg
+        rpa._choose = forced
     from kiln.runtime import bench
 
     opts = {"xla_gpu_enable_triton_gemm": False}  # cuBLAS GEMMs, as bench_e2e.py --compiler-option
