@@ -100,6 +100,17 @@ def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_co
         max_splits = max(1, max_context // (4 * block_k))
         while tiles * num_kv_heads * splits < 2 * num_cores and splits * 2 <= min(32, max_splits):
             splits *= 2
+        short_k = _fit_block_k(16, block_size)
+        if tiles * num_kv_heads * splits < 2 * num_cores and head_dim <= 128 and short_k < block_k:
+            # few sequences over short contexts (batch 1 at a few hundred tokens): too few 64-key
+            # steps to split, so the grid was 8 programs walking every key in turn (H100, 8B bf16
+            # batch 1: 22 us per layer, 0.7 of the 6.6 ms step). One page per step lets split-K
+            # spread the keys over the GPU, at least two steps per split.
+            more = splits
+            while tiles * num_kv_heads * more < 2 * num_cores and more * 2 <= min(32, max_context // (2 * short_k)):
+                more *= 2
+            if more > splits:
+                return KernelConfig(block_q, short_k, more, num_warps=1, num_stages=1)
         if splits == 1 and head_dim <= 128:
             # a serving batch (the grid fills the GPU without split-K): K/V straight into registers,
             # no cp.async ring (num_stages 1). Under ncu the ring's fp8 tiles were read back from

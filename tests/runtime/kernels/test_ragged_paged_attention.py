@@ -85,6 +85,7 @@ CASES = {
     "gqa4-d64-bf16-window-softcap": (2, 4, 64, 4, "bfloat16", 6, 30.0, None, False),
     "gqa4-d128-bf16": (2, 4, 128, 16, "bfloat16", None, None, KernelConfig(4, 32), False),
     "decode-splitk": (2, 1, 128, 8, "float32", 11, None, KernelConfig(16, 16, 4), False),
+    "decode-splitk-one-page-fp8": (2, 4, 128, 16, "bfloat16", None, None, KernelConfig(4, 16, 8, 1, 1), True),
     "group3-padded": (2, 3, 64, 8, "float32", None, None, KernelConfig(4, 16, 2), False),
     "fp8-kv": (2, 4, 64, 8, "float32", None, None, None, True),
     "fp8-kv-bf16-f16": (2, 4, 64, 8, "bfloat16", None, None, KernelConfig(2, 16, 2), True),  # fp8 -> f16 path
@@ -124,6 +125,14 @@ def test_choose_config_shapes():
     assert dec.block_q * 4 == 16 and dec.block_k % 16 == 0 and dec.splits >= 1
     one = choose_config(8, 1, 8, 4, 128, 16, 32768)  # one long decode: split-K fills the GPU
     assert one.splits > 1
+    # a serving batch: no split-K, K/V loaded straight to registers (no cp.async ring); fp8 pools
+    # take 64-key steps on 2 warps, 16-bit pools one page per step on one warp (the H100 sweep)
+    short = choose_config(16, 1, 8, 4, 128, 16, 256)  # batch 1 over a 256-token table: split-K on 16-key steps
+    assert short.splits == 8 and short.block_k == 16
+    serve8 = choose_config(512, 512, 8, 4, 128, 16, 1024, kv_itemsize=1)
+    serve16 = choose_config(512, 512, 8, 4, 128, 16, 1024)
+    assert (serve8.splits, serve8.num_stages, serve8.block_k, serve8.num_warps) == (1, 1, 64, 2)
+    assert (serve16.splits, serve16.num_stages, serve16.block_k, serve16.num_warps) == (1, 1, 16, 1)
     pre = choose_config(4096, 4, 8, 4, 128, 16, 4096)
     assert pre.block_q * 4 == 128 and pre.splits == 1
     for d, page in ((128, 64), (256, 32), (128, 256)):  # whole pages, or a slice of one
