@@ -131,7 +131,7 @@ def main():
     ba.INTERPRET = a.smoke
     if a.mixed:
         res = {"device": jax.devices()[0].device_kind, "mixed": []}
-        for dtype in ["bf16"] + (["fp8"] if a.fp8 else []):
+        for dtype in a.dtypes.split(",") if a.dtypes else ["bf16"] + (["fp8"] if a.fp8 else []):
             res["mixed"] += mixed(dtype)
             with open(os.path.join(OUT, "decode_mixed.json"), "w") as f:
                 json.dump(res, f, indent=1)
