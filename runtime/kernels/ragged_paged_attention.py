@@ -125,6 +125,12 @@ def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_co
     # tokens beside a few prefill chunks) every decode token fills a tile alone: 64-row tiles
     # waste half as much (H100, 450 decodes + 28 x 128-token chunks: 327 -> 278 us), at a few
     # percent on long chunks (2 x 1990 tokens in the same shape: 316 -> 335 us)
+    if kv_itemsize == 1 and head_dim <= 128:
+        # fp8 pools: 64-row tiles with K/V straight into registers (their fp8 tiles in a cp.async
+        # ring conflict in shared memory, as in decode). H100 (bench_decode_batch.py --mixed):
+        # 450 decodes + 28 x 128 tokens 262 -> 221 us, 420 + 7 x 128 201 -> 166 us, 2 x 1990
+        # tokens 399 -> 334 us, one 1024-token chunk 83 -> 67 us; 50 + 8 x 120 76 -> 83 us
+        return KernelConfig(max(1, 64 // gp), _fit_block_k(64, block_size), 1, num_warps=4, num_stages=1)
     rows = 64 if head_dim > 128 or num_tokens <= 8 * num_seqs else 128
     block_q = max(1, rows // gp)
     block_k = _fit_block_k(64, block_size)

@@ -135,6 +135,8 @@ def test_choose_config_shapes():
     assert (serve16.splits, serve16.num_stages, serve16.block_k, serve16.num_warps) == (1, 1, 16, 1)
     pre = choose_config(4096, 4, 8, 4, 128, 16, 4096)
     assert pre.block_q * 4 == 128 and pre.splits == 1
+    pre8 = choose_config(4096, 4, 8, 4, 128, 16, 4096, kv_itemsize=1)  # fp8 pools: 64-row tiles, no ring
+    assert (pre8.block_q * 4, pre8.num_stages, pre8.splits) == (64, 1, 1)
     for d, page in ((128, 64), (256, 32), (128, 256)):  # whole pages, or a slice of one
         bk = choose_config(64, 4, 8, 4, d, page, 4096).block_k
         assert bk % page == 0 or page % bk == 0
