@@ -13,6 +13,7 @@ beside the device's copy bandwidth measured in the same run. Writes decode_batch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -162,6 +163,13 @@ def main():
             ref_out = whole(default)(q, k, v)
             t = bench(whole(default), q, k, v)
             case["default_whole_us"], case["default_whole_GBps"] = t * 1e6, kv_bytes / t / 1e9
+            if default.splits == 1:  # the same tiles through q relayout + tile outputs + gather (the old data path)
+                tiles = dataclasses.replace(default, in_place=False)
+                case["tiles_layout_whole_us"] = bench(whole(tiles), q, k, v) * 1e6
+                ref_tiles = whole(tiles)(q, k, v)
+                case["in_place_vs_tiles_max_abs"] = float(jnp.abs((ref_out - ref_tiles).astype(jnp.float32)).max())
+                print(f"   whole op in place {t * 1e6:.1f} us, through tile layout {case['tiles_layout_whole_us']:.1f} us, "
+                      f"max |diff| {case['in_place_vs_tiles_max_abs']:.1e}", flush=True)
             rows = []
             for bk, warps, stages in sweep:
                 cfg = KernelConfig(block_q=default.block_q, block_k=bk, splits=default.splits, num_warps=warps,

@@ -57,6 +57,7 @@ class KernelConfig:
     num_stages: int = 2
     longest_first: bool = True  # grid (kv head, tile reversed): a sequence's last (longest causal) tiles start first
     fp8_f16: bool = True        # fp8 pools with bf16/f16 q: K/V convert to f16 (one native cvt on sm_89+), not bf16
+    in_place: bool = True       # splits == 1: q rows read from, outputs written to token layout [T * H, D]
 
 
 def _pow2(n: int) -> int:
@@ -185,16 +186,24 @@ def tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int):
 
 def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs, group: int, block_q: int,
             block_k: int, page: int, table_width: int, num_tables: int, num_tiles: int, splits: int,
-            scale: float, sliding_window, soft_cap, exact: bool, longest_first: bool, fp8_f16: bool):
+            scale: float, sliding_window, soft_cap, exact: bool, longest_first: bool, fp8_f16: bool,
+            in_place: bool, num_heads: int, real_group: int):
     if longest_first:  # grid (kv head, tile, split), tiles walked from the last
-        tile, split = num_tiles - 1 - pl.program_id(1), pl.program_id(2)
+        tile, split, kv_head = num_tiles - 1 - pl.program_id(1), pl.program_id(2), pl.program_id(0)
     else:              # grid (tile, kv head, split)
-        tile, split = pl.program_id(0), pl.program_id(2)
+        tile, split, kv_head = pl.program_id(0), pl.program_id(2), pl.program_id(1)
     seq, tok0, nq, p0 = (meta_ref[4 * tile + i] for i in range(4))
     rows = block_q * group
     head_dim = q_ref.shape[-1]
     num_blocks = k_ref.shape[0]
-    q = q_ref[pl.ds(tok0 * group, rows), :]                          # [M, D]
+    if in_place:  # row r: token tok0 + r // group, query head kv_head * real_group + r % group
+        r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+        ok = (r // group < nq) & (r % group < real_group)
+        qrow = (tok0 + r // group) * num_heads + kv_head * real_group + r % group
+        q = q_ref[jnp.where(ok, qrow, 0), :]                             # [M, D], gathered rows
+        orow = jnp.where(ok, qrow, o_ref.shape[0] - 1)                   # the last row takes the rest
+    else:
+        q = q_ref[pl.ds(tok0 * group, rows), :]                          # [M, D]
     row_pos = p0 + lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
     sm_scale = scales_ref[0] * scale  # logits are kept in log2 units: exp2 is the native op
     kv_f16 = fp8_f16 and not exact and jnp.dtype(k_ref.dtype).itemsize == 1
@@ -263,7 +272,11 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
     o, m, l = carry
     if splits == 1:
         l = jnp.where(l == 0.0, 1.0, l)
-        o_ref[...] = (o * (scales_ref[1] / l)[:, None]).astype(o_ref.dtype)
+        out = (o * (scales_ref[1] / l)[:, None]).astype(o_ref.dtype)
+        if in_place:
+            o_ref[orow, :] = out
+        else:
+            o_ref[...] = out
     else:
         m_ref, l_ref = stat_refs
         o_ref[...] = o
@@ -304,7 +317,7 @@ def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_s
     num_tiles = max(1, min(t, -(-t // bq) + s))
     meta, first_tile = metadata or tile_metadata(query_start_loc, context_lens, bq, num_tiles)
 
-    qg = q_by_kv_head(q, kvh, bq, gp)
+    qg = q.reshape(t * h, d) if _in_place(cfg) else q_by_kv_head(q, kvh, bq, gp)
 
     one = jnp.ones((), jnp.float32)
     ks = one if k_scale is None else jnp.asarray(k_scale, jnp.float32).reshape(())
@@ -312,10 +325,17 @@ def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_s
     return cfg, (meta, block_tables.astype(jnp.int32), jnp.stack([ks, vs]), qg), first_tile
 
 
+def _in_place(cfg: KernelConfig) -> bool:
+    return cfg.in_place and cfg.splits == 1
+
+
 def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, group: int, scale: float,
                 sliding_window=None, soft_cap=None, interpret: bool = False):
-    """The pallas_call alone: tile outputs [KVH, tiles, block_q * Gp, D] in q's dtype, or with
-    split-K the f32 partials (o, m, l) for `combine_splits`. Tables are clamped in the kernel."""
+    """The pallas_call alone. In place (one split): q as [T * H, D] rows, the output the same
+    rows plus one spare row [T * H + 1, D] that takes the writes of padding rows (padding
+    tokens are left unwritten). Otherwise q by KV head (`q_by_kv_head`) and tile outputs
+    [KVH, tiles, block_q * Gp, D] in q's dtype, or with split-K the f32 partials (o, m, l) for
+    `combine_splits`. Tables are clamped in the kernel."""
     kvh, nb, page, d = k_pool.shape
     s, width = tables.shape
     gp = _pow2(group)
@@ -329,7 +349,7 @@ def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, 
         num_tiles=num_tiles, splits=cfg.splits, scale=float(scale),
         sliding_window=int(sliding_window) if sliding_window else None,
         soft_cap=float(soft_cap) if soft_cap else None, exact=exact, longest_first=cfg.longest_first,
-        fp8_f16=cfg.fp8_f16)
+        fp8_f16=cfg.fp8_f16, in_place=_in_place(cfg), num_heads=kvh * group, real_group=group)
     if cfg.longest_first:  # program ids (kv head, n, split) -> (tile, kv head, split)
         grid, ids = (kvh, num_tiles, cfg.splits), lambda a, b, c: (num_tiles - 1 - b, a, c)
     else:
@@ -339,13 +359,17 @@ def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, 
         return pl.BlockSpec(shape, lambda a, b, c: index(*ids(a, b, c)))
 
     whole = lambda n: spec((n,), lambda i, j, k: (0,))  # noqa: E731
+    q_spec = (spec(qg.shape, lambda i, j, k: (0, 0)) if _in_place(cfg)
+              else spec((None, qg.shape[1], d), lambda i, j, k: (j, 0, 0)))
     in_specs = [
-        whole(meta.shape[0]), whole(s * width), whole(2),
-        spec((None, qg.shape[1], d), lambda i, j, k: (j, 0, 0)),
+        whole(meta.shape[0]), whole(s * width), whole(2), q_spec,
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
     ]
-    if cfg.splits == 1:
+    if _in_place(cfg):
+        out_shape = jax.ShapeDtypeStruct((qg.shape[0] + 1, d), qg.dtype)
+        out_specs = spec(out_shape.shape, lambda i, j, k: (0, 0))
+    elif cfg.splits == 1:
         out_shape = jax.ShapeDtypeStruct((kvh, num_tiles, rows, d), qg.dtype)
         out_specs = spec((None, None, rows, d), lambda i, j, k: (j, i, 0, 0))
     else:
@@ -381,6 +405,9 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     bq, num_tiles = cfg.block_q, args[0].shape[0] // 4
     out = kernel_call(cfg, *args, k_pool, v_pool, group=group, scale=scale, sliding_window=sliding_window,
                       soft_cap=soft_cap, interpret=interpret)
+    if _in_place(cfg):
+        valid = jnp.arange(t) < query_start_loc[s]
+        return jnp.where(valid[:, None, None], out[:t * h].reshape(t, h, d), 0).astype(q.dtype)
     if cfg.splits > 1:
         out = combine_splits(*out, args[2][1])
 
