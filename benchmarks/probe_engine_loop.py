@@ -1,6 +1,8 @@
 """Where an engine step's wall time goes on the host, in a throughput run on one GPU.
 
     python3 benchmarks/probe_engine_loop.py [--quant fp8 --kv-cache-dtype fp8] [--isl 128 --osl 128 --num-requests 1024]
+    python3 benchmarks/probe_engine_loop.py --latency --num-requests 2 --osl 512     # batch 1
+    python3 benchmarks/probe_engine_loop.py --tile-layout | --attention-config 32/2/2  # A/B in one call
 
 Builds the engine as `bench_e2e.py` does (random llama-3-8b, 512 sequences / 4096 tokens per
 step), runs `kiln bench`'s throughput workload once (warm-up and compiles), then runs it again
@@ -31,31 +33,41 @@ def main():
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--osl", type=int, default=128)
     ap.add_argument("--num-requests", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-tokens", type=int, default=4096)
+    ap.add_argument("--latency", action="store_true",
+                    help="one request at a time (kiln bench's latency mode; e.g. --num-requests 2 --osl 512)")
+    ap.add_argument("--tile-layout", action="store_true",
+                    help="attention through the q relayout / tile outputs / gather (in_place=False): an A/B")
     ap.add_argument("--attention-config", default=None,
                     help="force the decode attention tiles: block_k/warps/stages (an A/B against the default)")
     a = ap.parse_args()
 
     from kiln import LLM
-    if a.attention_config:
+    if a.attention_config or a.tile_layout:
         import dataclasses
 
         from kiln.runtime.kernels import ragged_paged_attention as rpa
-        bk, warps, stages = (int(x) for x in a.attention_config.split("/"))
         choose = rpa._choose
 
         def forced(*args):
             cfg = choose(*args)
-            if cfg.splits == 1 and cfg.block_q * 4 <= 16:  # decode-shaped tiles only
+            if a.tile_layout:
+                cfg = dataclasses.replace(cfg, in_place=False)
+            if a.attention_config and cfg.splits == 1 and cfg.block_q * 4 <= 16:  # decode-shaped tiles only
+                bk, warps, stages = (int(x) for x in a.attention_config.split("/"))
                 cfg = dataclasses.replace(cfg, block_k=bk, num_warps=warps, num_stages=stages)
             return cfg
         rpa._choose = forced
     from kiln.runtime import bench
 
-    opts = {"xla_gpu_enable_triton_gemm": False}  # cuBLAS GEMMs, as bench_e2e.py --compiler-option
-    llm = LLM(f"random:{a.preset}", dtype="bfloat16", quantization=a.quant, max_model_len=2304, max_num_seqs=512,
-              max_num_tokens=4096, kv_cache_dtype=a.kv_cache_dtype, num_kv_blocks=a.num_kv_blocks,
+    # cuBLAS GEMMs, as bench_e2e.py --compiler-option; not at batch 1, where fp8 weights run W8A16 through
+    # XLA's Triton convert-in-dot (without it they are dequantized whole: 64.6 tok/s, BENCHMARKS.md session 5)
+    opts = {} if a.latency else {"xla_gpu_enable_triton_gemm": False}
+    llm = LLM(f"random:{a.preset}", dtype="bfloat16", quantization=a.quant, max_model_len=2304, max_num_seqs=a.max_num_seqs,
+              max_num_tokens=a.max_num_tokens, kv_cache_dtype=a.kv_cache_dtype, num_kv_blocks=a.num_kv_blocks,
               compiler_options=opts)
-    args = bench.BenchArgs(mode="throughput", isl=a.isl, osl=a.osl, num_requests=a.num_requests)
+    args = bench.BenchArgs(mode="latency" if a.latency else "throughput", isl=a.isl, osl=a.osl, num_requests=a.num_requests)
     first = bench.run(llm, args, log=lambda m: print(m, file=sys.stderr, flush=True))["results"]
     print("warm-up run", json.dumps(first), flush=True)
 
@@ -96,7 +108,7 @@ def main():
 
     reqs = bench.synthetic_requests(a.num_requests, a.isl, a.osl, llm.runner.graph.meta.get("vocab_size", 32000), seed=7)
     t = time.perf_counter()
-    res = bench.run_throughput(llm, reqs)
+    res = (bench.run_latency if a.latency else bench.run_throughput)(llm, reqs)
     wall = time.perf_counter() - t
     eng.step = step
     print("timed run", json.dumps(res), flush=True)
