@@ -102,8 +102,9 @@ def kiln_fn(cfg=None, **kw):
 
 
 def kiln_core_fn(b, cfg=None):
-    """The pallas_call alone on precomputed operands (tile metadata, q by kv head): the kernel
-    without the small XLA ops around it. Returns (jitted fn, its argument)."""
+    """The pallas_call alone on precomputed operands (tile metadata, q in the kernel's layout: token
+    rows with one split, by kv head with split-K): the kernel without the small XLA ops around it.
+    Returns (jitted fn, its argument)."""
     c, args, _ = kernel_inputs(b["q"], b["k"], b["tables"], b["ctx"], b["qsl"], config=cfg)
     group = b["q"].shape[1] // b["k"].shape[0]
     f = jax.jit(lambda a: kernel_call(c, *a, group=group, scale=D ** -0.5, interpret=INTERPRET))
@@ -112,9 +113,11 @@ def kiln_core_fn(b, cfg=None):
 
 def kiln_layer_fn(b):
     """The op as one layer of a model step sees it: the tile metadata computed beforehand (in a
-    step XLA computes it once for all layers), the q relayout, kernel and output gather timed."""
+    step XLA computes it once for all layers), the kernel and what surrounds it (q relayout and
+    output gather with split-K; the padding mask in token layout) timed."""
     t, s = b["q"].shape[0], b["tables"].shape[0]
-    cfg = choose_config(t, s, KVH, H // KVH, D, PAGE, b["tables"].shape[1] * PAGE)
+    cfg = choose_config(t, s, KVH, H // KVH, D, PAGE, b["tables"].shape[1] * PAGE,
+                        kv_itemsize=jnp.dtype(b["k"].dtype).itemsize)
     md = tile_metadata(b["qsl"], b["ctx"], cfg.block_q, max(1, min(t, -(-t // cfg.block_q) + s)))
 
     def f(b, md):

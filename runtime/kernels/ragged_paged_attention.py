@@ -14,7 +14,9 @@ A program walks its sequence's keys in steps of `block_k` tokens, gathering the 
 through the block table, with an online softmax. Keys strictly inside the causal/window
 band skip the mask; only the edge steps compute it. With `splits > 1` (decode over long
 contexts) each program takes one slice of the key range and writes an unnormalised
-partial (o, running max, running sum); `combine_splits` merges them (split-K).
+partial (o, running max, running sum); `combine_splits` merges them (split-K). With one split
+the kernel gathers its q rows from, and scatters its output rows to, token layout [T * H, D]
+(no relayout before, no gather after; padded group rows go to one spare output row).
 
 Positions are not read: a sequence's new tokens sit at positions
 `context_len - q_len ... context_len - 1`, as `runtime/batch.py` lays them out.
@@ -299,7 +301,8 @@ def combine_splits(o, m, l, v_scale):
 
 def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_scale=None, v_scale=None,
                   config: KernelConfig | None = None, metadata=None):
-    """The tile config and the kernel's operands (meta, tables, scales, q by kv head) plus
+    """The tile config and the kernel's operands (meta, tables, scales, q: token rows [T * H, D] with
+    one split, by KV head (`q_by_kv_head`) with split-K or `in_place=False`) plus
     `first_tile`: the small XLA ops around the kernel, split out so the kernel can be timed alone.
     `metadata` = (meta, first_tile) from `tile_metadata` for this config's block_q, when the
     caller computed it once for several layers (XLA's CSE does the same inside one jit)."""
