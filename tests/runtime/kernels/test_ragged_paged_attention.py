@@ -176,7 +176,7 @@ def test_write_kv_fp8_scales_and_padding():
 
 def test_lowers_to_triton_for_the_gpu():
     """The kernel lowers through Pallas' Triton backend (no GPU needed to lower): decode
-    split-K, prefill with window and soft-cap, FP8 pools."""
+    split-K, prefill with window and soft-cap, FP8 pools, serving decode and fp8 prefill in token layout."""
     sd = jax.ShapeDtypeStruct
     i32 = jnp.int32
 
@@ -192,6 +192,8 @@ def test_lowers_to_triton_for_the_gpu():
     lower(64, 64, jnp.bfloat16)
     lower(1024, 4, jnp.bfloat16, sliding_window=100, soft_cap=30.0)
     lower(16, 16, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)
+    lower(512, 512, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)   # serving decode, token layout
+    lower(1024, 4, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)    # fp8 prefill: 64-row tiles, one stage
 
 
 def test_precomputed_tile_metadata_gives_the_same_result():
