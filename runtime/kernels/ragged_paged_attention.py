@@ -71,7 +71,8 @@ def choose_config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int,
                   kv_itemsize: int | None = None) -> KernelConfig:
     """Static tile choice from static shapes. Decode-shaped batches (one token per sequence)
     get the smallest tile that feeds a tensor-core matmul (16 rows), and split-K only while
-    the grid is too small to fill the GPU twice; prefill-shaped batches get 128-row tiles.
+    the grid is too small to fill the GPU twice (over short tables on one-page steps);
+    prefill-shaped batches get 64- or 128-row tiles.
     Block sizes, warps and stages are the best of the H100 sweep in BENCHMARKS.md. `itemsize`
     is the widest of q and the pools (shared-memory sizing), `kv_itemsize` the pools' own."""
     gp = _pow2(group)
@@ -124,16 +125,17 @@ def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_co
                 return KernelConfig(block_q, _fit_block_k(64, block_size), 1, num_warps=2, num_stages=1)
             return KernelConfig(block_q, _fit_block_k(16, block_size), 1, num_warps=1, num_stages=1)
         return KernelConfig(block_q, block_k, splits, num_warps=4, num_stages=3)
-    # prefill-shaped. With many sequence rows per token (a throughput step: hundreds of decode
-    # tokens beside a few prefill chunks) every decode token fills a tile alone: 64-row tiles
-    # waste half as much (H100, 450 decodes + 28 x 128-token chunks: 327 -> 278 us), at a few
-    # percent on long chunks (2 x 1990 tokens in the same shape: 316 -> 335 us)
+    # prefill-shaped
     if kv_itemsize == 1 and head_dim <= 128:
         # fp8 pools: 64-row tiles with K/V straight into registers (their fp8 tiles in a cp.async
         # ring conflict in shared memory, as in decode). H100 (bench_decode_batch.py --mixed):
         # 450 decodes + 28 x 128 tokens 262 -> 221 us, 420 + 7 x 128 201 -> 166 us, 2 x 1990
         # tokens 399 -> 334 us, one 1024-token chunk 83 -> 67 us; 50 + 8 x 120 76 -> 83 us
         return KernelConfig(max(1, 64 // gp), _fit_block_k(64, block_size), 1, num_warps=4, num_stages=1)
+    # With many sequence rows per token (a throughput step: hundreds of decode tokens beside a
+    # few prefill chunks) every decode token fills a tile alone: 64-row tiles waste half as much
+    # (H100, 450 decodes + 28 x 128-token chunks: 327 -> 278 us), at a few percent on long
+    # chunks (2 x 1990 tokens in the same shape: 316 -> 335 us)
     rows = 64 if head_dim > 128 or num_tokens <= 8 * num_seqs else 128
     block_q = max(1, rows // gp)
     block_k = _fit_block_k(64, block_size)
