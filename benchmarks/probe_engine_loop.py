@@ -1,7 +1,7 @@
 """Where an engine step's wall time goes on the host, in a throughput run on one GPU.
 
     python3 benchmarks/probe_engine_loop.py [--quant fp8 --kv-cache-dtype fp8] [--isl 128 --osl 128 --num-requests 1024]
-    python3 benchmarks/probe_engine_loop.py --latency --num-requests 2 --osl 512     # batch 1
+    python3 benchmarks/probe_engine_loop.py --latency --num-requests 2 --osl 512 [--split-k-in-place]  # batch 1
     python3 benchmarks/probe_engine_loop.py --tile-layout | --attention-config 32/2/2  # A/B in one call
 
 Builds the engine as `bench_e2e.py` does (random llama-3-8b, 512 sequences / 4096 tokens per
@@ -39,12 +39,14 @@ def main():
                     help="one request at a time (kiln bench's latency mode; e.g. --num-requests 2 --osl 512)")
     ap.add_argument("--tile-layout", action="store_true",
                     help="attention through the q relayout / tile outputs / gather (in_place=False): an A/B")
+    ap.add_argument("--split-k-in-place", action="store_true",
+                    help="split-K attention (batch 1) with its partials in token layout (in_place_split_k=True)")
     ap.add_argument("--attention-config", default=None,
                     help="force the decode attention tiles: block_k/warps/stages (an A/B against the default)")
     a = ap.parse_args()
 
     from kiln import LLM
-    if a.attention_config or a.tile_layout:
+    if a.attention_config or a.tile_layout or a.split_k_in_place:
         import dataclasses
 
         from kiln.runtime.kernels import ragged_paged_attention as rpa
@@ -54,6 +56,8 @@ def main():
             cfg = choose(*args)
             if a.tile_layout:
                 cfg = dataclasses.replace(cfg, in_place=False)
+            if a.split_k_in_place:
+                cfg = dataclasses.replace(cfg, in_place_split_k=True)
             if a.attention_config and cfg.splits == 1 and cfg.block_q * 4 <= 16:  # decode-shaped tiles only
                 bk, warps, stages = (int(x) for x in a.attention_config.split("/"))
                 cfg = dataclasses.replace(cfg, block_k=bk, num_warps=warps, num_stages=stages)

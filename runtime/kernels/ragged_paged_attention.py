@@ -60,6 +60,7 @@ class KernelConfig:
     longest_first: bool = True  # grid (kv head, tile reversed): a sequence's last (longest causal) tiles start first
     fp8_f16: bool = True        # fp8 pools with bf16/f16 q: K/V convert to f16 (one native cvt on sm_89+), not bf16
     in_place: bool = True       # splits == 1: q rows read from, outputs written to token layout [T * H, D]
+    in_place_split_k: bool = False  # the same with split-K (partials in token layout): not yet timed on a GPU
 
 
 def _pow2(n: int) -> int:
@@ -281,6 +282,11 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
             o_ref[orow, :] = out
         else:
             o_ref[...] = out
+    elif in_place:  # this split's partials, in token layout
+        m_ref, l_ref = stat_refs
+        o_ref[orow, :] = o
+        m_ref[orow] = m
+        l_ref[orow] = l
     else:
         m_ref, l_ref = stat_refs
         o_ref[...] = o
@@ -303,8 +309,8 @@ def combine_splits(o, m, l, v_scale):
 
 def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_scale=None, v_scale=None,
                   config: KernelConfig | None = None, metadata=None):
-    """The tile config and the kernel's operands (meta, tables, scales, q: token rows [T * H, D] with
-    one split, by KV head (`q_by_kv_head`) with split-K or `in_place=False`) plus
+    """The tile config and the kernel's operands (meta, tables, scales, q: token rows [T * H, D] in
+    place, else by KV head (`q_by_kv_head`)) plus
     `first_tile`: the small XLA ops around the kernel, split out so the kernel can be timed alone.
     `metadata` = (meta, first_tile) from `tile_metadata` for this config's block_q, when the
     caller computed it once for several layers (XLA's CSE does the same inside one jit)."""
@@ -331,16 +337,17 @@ def kernel_inputs(q, k_pool, block_tables, context_lens, query_start_loc, *, k_s
 
 
 def _in_place(cfg: KernelConfig) -> bool:
-    return cfg.in_place and cfg.splits == 1
+    return cfg.in_place and (cfg.splits == 1 or cfg.in_place_split_k)
 
 
 def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, group: int, scale: float,
                 sliding_window=None, soft_cap=None, interpret: bool = False):
-    """The pallas_call alone. In place (one split): q as [T * H, D] rows, the output the same
-    rows plus one spare row [T * H + 1, D] that takes the writes of padding rows (padding
-    tokens are left unwritten). Otherwise q by KV head (`q_by_kv_head`) and tile outputs
-    [KVH, tiles, block_q * Gp, D] in q's dtype, or with split-K the f32 partials (o, m, l) for
-    `combine_splits`. Tables are clamped in the kernel."""
+    """The pallas_call alone. In place (one split, or split-K with `in_place_split_k`): q as
+    [T * H, D] rows, the output the same rows plus one spare row [T * H + 1, D] that takes the
+    writes of padding rows (padding tokens are left unwritten; split-K: f32 partials o [P, T * H
+    + 1, D], m and l [P, T * H + 1] for `combine_splits`). Otherwise q by KV head
+    (`q_by_kv_head`) and tile outputs [KVH, tiles, block_q * Gp, D] in q's dtype, or with split-K
+    the f32 partials (o, m, l) by tile. Tables are clamped in the kernel."""
     kvh, nb, page, d = k_pool.shape
     s, width = tables.shape
     gp = _pow2(group)
@@ -371,9 +378,15 @@ def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, 
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
     ]
-    if _in_place(cfg):
+    if _in_place(cfg) and cfg.splits == 1:
         out_shape = jax.ShapeDtypeStruct((qg.shape[0] + 1, d), qg.dtype)
         out_specs = spec(out_shape.shape, lambda i, j, k: (0, 0))
+    elif _in_place(cfg):  # split-K partials by split, rows in token layout
+        p, n = cfg.splits, qg.shape[0] + 1
+        out_shape = [jax.ShapeDtypeStruct((p, n, d), jnp.float32), jax.ShapeDtypeStruct((p, n), jnp.float32),
+                     jax.ShapeDtypeStruct((p, n), jnp.float32)]
+        out_specs = [spec((None, n, d), lambda i, j, k: (k, 0, 0)), spec((None, n), lambda i, j, k: (k, 0)),
+                     spec((None, n), lambda i, j, k: (k, 0))]
     elif cfg.splits == 1:
         out_shape = jax.ShapeDtypeStruct((kvh, num_tiles, rows, d), qg.dtype)
         out_specs = spec((None, None, rows, d), lambda i, j, k: (j, i, 0, 0))
@@ -410,11 +423,11 @@ def ragged_paged_attention(q, k_pool, v_pool, seq_ids, block_tables, context_len
     bq, num_tiles = cfg.block_q, args[0].shape[0] // 4
     out = kernel_call(cfg, *args, k_pool, v_pool, group=group, scale=scale, sliding_window=sliding_window,
                       soft_cap=soft_cap, interpret=interpret)
-    if _in_place(cfg):
-        valid = jnp.arange(t) < query_start_loc[s]
-        return jnp.where(valid[:, None, None], out[:t * h].reshape(t, h, d), 0).astype(q.dtype)
     if cfg.splits > 1:
         out = combine_splits(*out, args[2][1])
+    if _in_place(cfg):  # rows never written (padding tokens) hold garbage: masked here
+        valid = jnp.arange(t) < query_start_loc[s]
+        return jnp.where(valid[:, None, None], out[:t * h].reshape(t, h, d), 0).astype(q.dtype)
 
     return tiles_to_tokens(out, q, seq_ids, query_start_loc, first_tile, bq, gp)
 

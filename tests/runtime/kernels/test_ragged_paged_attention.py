@@ -85,6 +85,10 @@ CASES = {
     "gqa4-d64-bf16-window-softcap": (2, 4, 64, 4, "bfloat16", 6, 30.0, None, False),
     "gqa4-d128-bf16": (2, 4, 128, 16, "bfloat16", None, None, KernelConfig(4, 32), False),
     "decode-splitk": (2, 1, 128, 8, "float32", 11, None, KernelConfig(16, 16, 4), False),
+    "decode-splitk-in-place-window": (2, 4, 64, 8, "float32", 5, None, KernelConfig(4, 8, 4, in_place_split_k=True),
+                                      False),
+    "splitk-in-place-group3-fp8": (2, 3, 64, 8, "bfloat16", None, None,
+                                   KernelConfig(2, 16, 2, in_place_split_k=True), True),
     "decode-splitk-one-page-fp8": (2, 4, 128, 16, "bfloat16", None, None, KernelConfig(4, 16, 8, 1, 1), True),
     "group3-padded": (2, 3, 64, 8, "float32", None, None, KernelConfig(4, 16, 2), False),
     "fp8-kv": (2, 4, 64, 8, "float32", None, None, None, True),
@@ -194,6 +198,8 @@ def test_lowers_to_triton_for_the_gpu():
     lower(16, 16, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)
     lower(512, 512, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)   # serving decode, token layout
     lower(1024, 4, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)    # fp8 prefill: 64-row tiles, one stage
+    lower(16, 1, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5,       # batch-1 split-K partials in token layout
+          config=KernelConfig(4, 16, 8, 1, 1, in_place_split_k=True))
 
 
 def test_precomputed_tile_metadata_gives_the_same_result():
