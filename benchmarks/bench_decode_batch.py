@@ -169,6 +169,9 @@ def main():
                    else dataclasses.replace(default, in_place_split_k=True))
             case["other_layout_whole_us"] = bench(whole(alt), q, k, v) * 1e6
             case["other_layout_max_abs_diff"] = float(jnp.abs((ref_out - whole(alt)(q, k, v)).astype(jnp.float32)).max())
+            pre = dataclasses.replace(default, prefetch_pages=True)  # block-table entries a step ahead
+            case["prefetch_pages_whole_us"] = bench(whole(pre), q, k, v) * 1e6
+            print(f"   whole op with the next step's pages prefetched {case['prefetch_pages_whole_us']:.1f} us", flush=True)
             print(f"   whole op {'in place' if default.splits == 1 else 'tile layout'} {t * 1e6:.1f} us, "
                   f"{'tile layout' if default.splits == 1 else 'split-K in place'} {case['other_layout_whole_us']:.1f} us, "
                   f"max |diff| {case['other_layout_max_abs_diff']:.1e}", flush=True)

@@ -2,7 +2,7 @@
 
     python3 benchmarks/probe_engine_loop.py [--quant fp8 --kv-cache-dtype fp8] [--isl 128 --osl 128 --num-requests 1024]
     python3 benchmarks/probe_engine_loop.py --latency --num-requests 2 --osl 512 [--split-k-in-place]  # batch 1
-    python3 benchmarks/probe_engine_loop.py --tile-layout | --attention-config 32/2/2  # A/B in one call
+    python3 benchmarks/probe_engine_loop.py --tile-layout | --prefetch-pages | --attention-config 32/2/2  # A/B
 
 Builds the engine as `bench_e2e.py` does (random llama-3-8b, 512 sequences / 4096 tokens per
 step), runs `kiln bench`'s throughput workload once (warm-up and compiles), then runs it again
@@ -41,12 +41,14 @@ def main():
                     help="attention through the q relayout / tile outputs / gather (in_place=False): an A/B")
     ap.add_argument("--split-k-in-place", action="store_true",
                     help="split-K attention (batch 1) with its partials in token layout (in_place_split_k=True)")
+    ap.add_argument("--prefetch-pages", action="store_true",
+                    help="attention key steps read the next step's block-table entries (prefetch_pages=True)")
     ap.add_argument("--attention-config", default=None,
                     help="force the decode attention tiles: block_k/warps/stages (an A/B against the default)")
     a = ap.parse_args()
 
     from kiln import LLM
-    if a.attention_config or a.tile_layout or a.split_k_in_place:
+    if a.attention_config or a.tile_layout or a.split_k_in_place or a.prefetch_pages:
         import dataclasses
 
         from kiln.runtime.kernels import ragged_paged_attention as rpa
@@ -58,6 +60,8 @@ def main():
                 cfg = dataclasses.replace(cfg, in_place=False)
             if a.split_k_in_place:
                 cfg = dataclasses.replace(cfg, in_place_split_k=True)
+            if a.prefetch_pages:
+                cfg = dataclasses.replace(cfg, prefetch_pages=True)
             if a.attention_config and cfg.splits == 1 and cfg.block_q * 4 <= 16:  # decode-shaped tiles only
                 bk, warps, stages = (int(x) for x in a.attention_config.split("/"))
                 cfg = dataclasses.replace(cfg, block_k=bk, num_warps=warps, num_stages=stages)

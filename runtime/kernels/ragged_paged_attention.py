@@ -61,6 +61,7 @@ class KernelConfig:
     fp8_f16: bool = True        # fp8 pools with bf16/f16 q: K/V convert to f16 (one native cvt on sm_89+), not bf16
     in_place: bool = True       # splits == 1: q rows read from, outputs written to token layout [T * H, D]
     in_place_split_k: bool = False  # the same with split-K (partials in token layout): not yet timed on a GPU
+    prefetch_pages: bool = False    # each key step reads the next step's block-table entries: not yet timed
 
 
 def _pow2(n: int) -> int:
@@ -192,7 +193,7 @@ def tile_metadata(query_start_loc, context_lens, block_q: int, num_tiles: int):
 def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs, group: int, block_q: int,
             block_k: int, page: int, table_width: int, num_tables: int, num_tiles: int, splits: int,
             scale: float, sliding_window, soft_cap, exact: bool, longest_first: bool, fp8_f16: bool,
-            in_place: bool, num_heads: int, real_group: int):
+            in_place: bool, num_heads: int, real_group: int, prefetch_pages: bool):
     if longest_first:  # grid (kv head, tile, split), tiles walked from the last
         tile, split, kv_head = num_tiles - 1 - pl.program_id(1), pl.program_id(2), pl.program_id(0)
     else:              # grid (tile, kv head, split)
@@ -219,22 +220,30 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
     pages_per_step = max(1, block_k // page)
     last = num_tables * table_width - 1
 
-    def load_kv(kb):
-        if block_k >= page:                                            # gather whole pages
+    def page_ids(kb):  # the pool blocks of key step kb: [pages_per_step] (past the table: clamped, unused)
+        if block_k >= page:
             idx = seq * table_width + kb * pages_per_step + lax.iota(jnp.int32, pages_per_step)
-            pages = jnp.clip(bt_ref[jnp.minimum(idx, last)], 0, num_blocks - 1)  # past the table: unused
+        else:
+            idx = seq * table_width + (kb * block_k) // page + lax.iota(jnp.int32, 1)
+        return jnp.clip(bt_ref[jnp.minimum(idx, last)], 0, num_blocks - 1)
+
+    def load_kv(kb, pages):
+        if block_k >= page:                                            # gather whole pages
             k = k_ref[pages].reshape(block_k, head_dim)
             v = v_ref[pages].reshape(block_k, head_dim)
         else:                                                          # a slice of one page
-            start = kb * block_k
-            pg = jnp.clip(bt_ref[seq * table_width + start // page], 0, num_blocks - 1)
-            k = k_ref[pg, pl.ds(start % page, block_k), :]
-            v = v_ref[pg, pl.ds(start % page, block_k), :]
+            start = (kb * block_k) % page
+            k = k_ref[pages[0], pl.ds(start, block_k), :]
+            v = v_ref[pages[0], pl.ds(start, block_k), :]
         return k.astype(q.dtype), v.astype(q.dtype)
 
     def step(kb, carry, masked: bool):
-        o, m, l = carry
-        k, v = load_kv(kb)
+        if prefetch_pages:  # this step's pages came with the carry; the next step's load now
+            o, m, l, pages = carry
+            nxt = page_ids(kb + 1)
+        else:
+            (o, m, l), pages = carry, page_ids(kb)
+        k, v = load_kv(kb, pages)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)              # [M, BK]
         if soft_cap:
@@ -253,7 +262,8 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
         l = alpha * l + p.sum(axis=1)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
-        return alpha[:, None] * o + pv, m_new, l
+        out = (alpha[:, None] * o + pv, m_new, l)
+        return out + (nxt,) if prefetch_pages else out
 
     # key range of this tile: [lo, hi); blocks fully inside the band for every row skip the mask
     hi = p0 + nq
@@ -273,8 +283,10 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
              jnp.zeros((rows,), jnp.float32))
     for a, b, masked in ((kb_lo, f_lo, True), (f_lo, f_hi, False), (f_hi, kb_hi, True)):
         a, b = jnp.maximum(a, s_lo), jnp.minimum(b, s_hi)
+        if prefetch_pages:
+            carry = carry[:3] + (page_ids(a),)
         carry = lax.fori_loop(a, jnp.maximum(a, b), functools.partial(_flip, step, masked), carry)
-    o, m, l = carry
+    o, m, l = carry[:3]
     if splits == 1:
         l = jnp.where(l == 0.0, 1.0, l)
         out = (o * (scales_ref[1] / l)[:, None]).astype(o_ref.dtype)
@@ -361,7 +373,8 @@ def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, 
         num_tiles=num_tiles, splits=cfg.splits, scale=float(scale),
         sliding_window=int(sliding_window) if sliding_window else None,
         soft_cap=float(soft_cap) if soft_cap else None, exact=exact, longest_first=cfg.longest_first,
-        fp8_f16=cfg.fp8_f16, in_place=_in_place(cfg), num_heads=kvh * group, real_group=group)
+        fp8_f16=cfg.fp8_f16, in_place=_in_place(cfg), num_heads=kvh * group, real_group=group,
+        prefetch_pages=cfg.prefetch_pages)
     if cfg.longest_first:  # program ids (kv head, n, split) -> (tile, kv head, split)
         grid, ids = (kvh, num_tiles, cfg.splits), lambda a, b, c: (num_tiles - 1 - b, a, c)
     else:

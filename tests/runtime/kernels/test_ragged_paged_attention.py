@@ -89,6 +89,9 @@ CASES = {
                                       False),
     "splitk-in-place-group3-fp8": (2, 3, 64, 8, "bfloat16", None, None,
                                    KernelConfig(2, 16, 2, in_place_split_k=True), True),
+    "prefetch-pages-window": (2, 4, 64, 8, "float32", 6, None, KernelConfig(2, 16, 2, prefetch_pages=True), False),
+    "prefetch-page-slices-fp8": (2, 4, 64, 16, "bfloat16", None, None,
+                                 KernelConfig(4, 8, 1, 1, 1, prefetch_pages=True), True),
     "decode-splitk-one-page-fp8": (2, 4, 128, 16, "bfloat16", None, None, KernelConfig(4, 16, 8, 1, 1), True),
     "group3-padded": (2, 3, 64, 8, "float32", None, None, KernelConfig(4, 16, 2), False),
     "fp8-kv": (2, 4, 64, 8, "float32", None, None, None, True),
@@ -200,6 +203,8 @@ def test_lowers_to_triton_for_the_gpu():
     lower(1024, 4, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5)    # fp8 prefill: 64-row tiles, one stage
     lower(16, 1, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5,       # batch-1 split-K partials in token layout
           config=KernelConfig(4, 16, 8, 1, 1, in_place_split_k=True))
+    lower(512, 512, jnp.float8_e4m3fn, k_scale=0.5, v_scale=0.5,    # block-table entries one step ahead
+          config=KernelConfig(4, 64, 1, 2, 1, prefetch_pages=True))
 
 
 def test_precomputed_tile_metadata_gives_the_same_result():
