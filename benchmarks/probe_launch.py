@@ -32,8 +32,8 @@ def main():
     import numpy as np
 
     from kiln import LLM
-    from kiln.runtime.runner import pack_step
     from kiln.runtime.sampling_params import SamplingParams
+    from probe_step_profile import step_call  # benchmarks/ is on sys.path as the script's directory
 
     opts = {"xla_gpu_enable_triton_gemm": False} if a.quant == "fp8" else {}
     llm = LLM(f"random:{a.preset}", dtype="bfloat16", quantization=a.quant, max_model_len=512, max_num_seqs=512,
@@ -56,13 +56,7 @@ def main():
         eng.step()
     b = seen["decode"]
     fn = r._executables[b.shape_key]
-    packs = pack_step(b)[1]
-
-    def call():
-        r.kv, out = fn(r.params, r.kv, r._prev_tokens, packs)
-        r._prev_tokens = out["tokens"]
-        return out
-
+    call = step_call(r, b)
     for _ in range(3):
         call()["tokens"].block_until_ready()
     idle = []

@@ -138,6 +138,20 @@ def trace_summary(logdir: str, sources: dict[str, str], steps: int, top: int = 3
 # --------------------------------------------------------------------------- engine part
 
 
+def step_call(runner, batch):
+    """A function that runs `batch`'s compiled step once more on the runner's cache (its inputs
+    packed once), as the engine would, and returns the step's outputs."""
+    from kiln.runtime.runner import pack_step
+
+    fn, packs = runner._executables[batch.shape_key], pack_step(batch)[1]
+
+    def call():
+        runner.kv, out = fn(runner.params, runner.kv, runner._prev_tokens, packs)
+        runner._prev_tokens = out["tokens"]
+        return out
+    return call
+
+
 def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, preset: str = "llama-3-8b",
                 max_num_seqs: int = 256, kv_cache_dtype: str | None = None) -> dict:
     import jax
@@ -146,7 +160,6 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
     import kiln.models.loader as loader
     import kiln.passes.pipeline as pipeline
     from kiln import LLM
-    from kiln.runtime.runner import pack_step
     from kiln.runtime.sampling_params import SamplingParams
 
     rep: dict = {"quant": (quant or "bf16") + (f"_kv{kv_cache_dtype}" if kv_cache_dtype else ""),
@@ -238,13 +251,7 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
     for label, key in picks.items():
         b = seen[key]
         fn = r._executables[key]
-        packs = pack_step(b)[1]
-
-        def call():
-            r.kv, out = fn(r.params, r.kv, r._prev_tokens, packs)
-            r._prev_tokens = out["tokens"]
-            return out
-
+        call = step_call(r, b)
         for _ in range(2):
             call()["tokens"].block_until_ready()
         t = time.perf_counter()

@@ -139,6 +139,12 @@ def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offse
     s_ref[...] = s
 
 
+def _num_rowed(kind: str, xs) -> int:
+    """How many of `kind`'s inputs have one row per token: all but a last weight (a norm's
+    weight, `swiglu_scaled`'s channel scales)."""
+    return len(xs) - 1 if kind.endswith("norm") or kind == "swiglu_scaled" else len(xs)
+
+
 def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, config: ActQuantConfig | None = None,
                      interpret: bool = False):
     """The kernel over 2-D inputs: x [M, K] (and r, w [K]) or gu [M, 2, F] -> (q [M, K], s [M, 1])."""
@@ -152,8 +158,7 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
     br = cfg.block_rows
     mp = -(-m // br) * br
     norm = kind.endswith("norm")
-    rowed = xs[:-1] if norm or kind == "swiglu_scaled" else xs  # inputs with one row per token
-    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) if mp > m else x for x in rowed]
+    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) if mp > m else x for x in xs[:_num_rowed(kind, xs)]]
     row = pl.BlockSpec((br, k), lambda i: (i, 0))
     if kind in ("swiglu", "swiglu_scaled"):  # the gate and up halves as two row blocks of the one array
         args = (acts[0], acts[0])
@@ -204,7 +209,7 @@ def act_quant(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, impl: str =
     if impl == "xla":
         return act_quant_reference(kind, *xs, eps=eps, offset=offset)
     m = math.prod(lead)
-    n_acts = len(xs) - 1 if kind.endswith("norm") or kind == "swiglu_scaled" else len(xs)  # the weight is last
+    n_acts = _num_rowed(kind, xs)
     flat = tuple(x.reshape((m,) + x.shape[len(lead):]) if i < n_acts else x for i, x in enumerate(xs))
     q, s = act_quant_pallas(kind, *flat, eps=eps, offset=offset, config=config, interpret=impl == "interpret")
     return q.reshape(lead + (k,)), s.reshape(lead + (1,))

@@ -125,7 +125,7 @@ def _choose(num_tokens, num_seqs, num_kv_heads, gp, head_dim, block_size, max_co
             # 505 -> 356 us; bf16 206 -> 176 us, 716 -> 634 us
             if kv_itemsize == 1:
                 return KernelConfig(block_q, _fit_block_k(64, block_size), 1, num_warps=2, num_stages=1)
-            return KernelConfig(block_q, _fit_block_k(16, block_size), 1, num_warps=1, num_stages=1)
+            return KernelConfig(block_q, short_k, 1, num_warps=1, num_stages=1)
         return KernelConfig(block_q, block_k, splits, num_warps=4, num_stages=3)
     # prefill-shaped
     if kv_itemsize == 1 and head_dim <= 128:
@@ -202,15 +202,15 @@ def _kernel(meta_ref, bt_ref, scales_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs
     rows = block_q * group
     head_dim = q_ref.shape[-1]
     num_blocks = k_ref.shape[0]
+    r = lax.broadcasted_iota(jnp.int32, (rows,), 0)  # tile row r: token r // group, group head r % group
     if in_place:  # row r: token tok0 + r // group, query head kv_head * real_group + r % group
-        r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
         ok = (r // group < nq) & (r % group < real_group)
         qrow = (tok0 + r // group) * num_heads + kv_head * real_group + r % group
         q = q_ref[jnp.where(ok, qrow, 0), :]                             # [M, D], gathered rows
         orow = jnp.where(ok, qrow, o_ref.shape[0] - 1)                   # the last row takes the rest
     else:
         q = q_ref[pl.ds(tok0 * group, rows), :]                          # [M, D]
-    row_pos = p0 + lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
+    row_pos = p0 + r // group
     sm_scale = scales_ref[0] * scale  # logits are kept in log2 units: exp2 is the native op
     kv_f16 = fp8_f16 and not exact and jnp.dtype(k_ref.dtype).itemsize == 1
     if kv_f16:  # fp8 K/V widen to f16 in one instruction; q pre-scaled so that f16 range suffices
@@ -368,12 +368,13 @@ def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, 
     num_tiles = meta.shape[0] // 4
     exact = jnp.dtype(qg.dtype) == jnp.float32
 
+    in_place = _in_place(cfg)
     kernel = functools.partial(
         _kernel, group=gp, block_q=bq, block_k=bk, page=page, table_width=width, num_tables=s,
         num_tiles=num_tiles, splits=cfg.splits, scale=float(scale),
         sliding_window=int(sliding_window) if sliding_window else None,
         soft_cap=float(soft_cap) if soft_cap else None, exact=exact, longest_first=cfg.longest_first,
-        fp8_f16=cfg.fp8_f16, in_place=_in_place(cfg), num_heads=kvh * group, real_group=group,
+        fp8_f16=cfg.fp8_f16, in_place=in_place, num_heads=kvh * group, real_group=group,
         prefetch_pages=cfg.prefetch_pages)
     if cfg.longest_first:  # program ids (kv head, n, split) -> (tile, kv head, split)
         grid, ids = (kvh, num_tiles, cfg.splits), lambda a, b, c: (num_tiles - 1 - b, a, c)
@@ -384,17 +385,17 @@ def kernel_call(cfg: KernelConfig, meta, tables, scales, qg, k_pool, v_pool, *, 
         return pl.BlockSpec(shape, lambda a, b, c: index(*ids(a, b, c)))
 
     whole = lambda n: spec((n,), lambda i, j, k: (0,))  # noqa: E731
-    q_spec = (spec(qg.shape, lambda i, j, k: (0, 0)) if _in_place(cfg)
+    q_spec = (spec(qg.shape, lambda i, j, k: (0, 0)) if in_place
               else spec((None, qg.shape[1], d), lambda i, j, k: (j, 0, 0)))
     in_specs = [
         whole(meta.shape[0]), whole(s * width), whole(2), q_spec,
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
         spec((None, nb, page, d), lambda i, j, k: (j, 0, 0, 0)),
     ]
-    if _in_place(cfg) and cfg.splits == 1:
+    if in_place and cfg.splits == 1:
         out_shape = jax.ShapeDtypeStruct((qg.shape[0] + 1, d), qg.dtype)
         out_specs = spec(out_shape.shape, lambda i, j, k: (0, 0))
-    elif _in_place(cfg):  # split-K partials by split, rows in token layout
+    elif in_place:  # split-K partials by split, rows in token layout
         p, n = cfg.splits, qg.shape[0] + 1
         out_shape = [jax.ShapeDtypeStruct((p, n, d), jnp.float32), jax.ShapeDtypeStruct((p, n), jnp.float32),
                      jax.ShapeDtypeStruct((p, n), jnp.float32)]

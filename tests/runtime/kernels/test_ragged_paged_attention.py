@@ -132,10 +132,10 @@ def test_choose_config_shapes():
     assert dec.block_q * 4 == 16 and dec.block_k % 16 == 0 and dec.splits >= 1
     one = choose_config(8, 1, 8, 4, 128, 16, 32768)  # one long decode: split-K fills the GPU
     assert one.splits > 1
-    # a serving batch: no split-K, K/V loaded straight to registers (no cp.async ring); fp8 pools
-    # take 64-key steps on 2 warps, 16-bit pools one page per step on one warp (the H100 sweep)
     short = choose_config(16, 1, 8, 4, 128, 16, 256)  # batch 1 over a 256-token table: split-K on 16-key steps
     assert short.splits == 8 and short.block_k == 16
+    # a serving batch: no split-K, K/V loaded straight to registers (no cp.async ring); fp8 pools
+    # take 64-key steps on 2 warps, 16-bit pools one page per step on one warp (the H100 sweep)
     serve8 = choose_config(512, 512, 8, 4, 128, 16, 1024, kv_itemsize=1)
     serve16 = choose_config(512, 512, 8, 4, 128, 16, 1024)
     assert (serve8.splits, serve8.num_stages, serve8.block_k, serve8.num_warps) == (1, 1, 64, 2)
