@@ -230,7 +230,18 @@ SWEEP3 = [
     ("int8_nk", 16, [dict(TC1, block_n=32, block_k=256, num_stages=4), dict(TCS, block_n=32, block_k=256, num_stages=4)]),
     ("int4_wo", 1, [{}]),
 ]
-SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3}
+# Run 4 (`--sweep 4`, session 7): int4 forms without a per-step reduction: multiply-and-sum into a
+# tile-shaped partial summed once (`defer_sum`, with the I2F unit or integer ops), and the
+# tensor-core form fed the codes as 128 + q built by integer ops (`or_codes`)
+I4 = dict(gemv=True, defer_sum=True)
+SWEEP4 = [
+    ("int4_wo", 1, [{}, I4, dict(I4, magic=True), dict(I4, block_n=64), dict(I4, block_n=256, num_warps=8),
+                    dict(I4, magic=True, block_k=256), dict(or_codes=True, gemv=False),
+                    dict(or_codes=True, gemv=False, block_n=128, block_k=256)]),
+    ("int4_wo", 16, [{}, dict(post_scale=True), dict(or_codes=True), dict(or_codes=True, block_n=128, block_k=256),
+                     dict(or_codes=True, block_n=32, block_k=512)]),
+]
+SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4}
 # `--parts profile`: (mode, M, impl, variant); the kernel variants are runs 1-2's best
 PROFILE = [("bf16", 16, "xla", None), ("fp8", 16, "xla", None),
            ("fp8", 16, "pallas", dict(TCS, block_n=32, block_k=256, num_stages=4)),

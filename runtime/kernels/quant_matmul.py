@@ -93,7 +93,9 @@ class QMatmulConfig:
     gemv: bool = False        # no tensor cores: multiply-and-sum per row (block_m <= 4 rows)
     post_scale: bool = False  # int4: dot the raw codes, apply scale and min to each group's product
     magic: bool = False       # int8/int4 codes to fp32 by integer ops (2^23 trick), not the I2F unit
-    defer_sum: bool = False   # gemv (8-bit): keep a [bn, bk] fp32 partial per row, reduce over K once at the end
+    defer_sum: bool = False   # gemv: keep a weight-tile-shaped fp32 partial per row, reduce over K once at the end
+    or_codes: bool = False    # int4 tensor-core form, 16-bit activations: codes enter the dot as C + code, built by
+                              # OR-ing them into the mantissa of C (128 bf16, 1024 f16); C * sum(x) removed per group
     f16_dot: bool = False     # tensor-core form (8-bit): weights and activations to f16 for the dot (fp8 -> f16
                               # is one conversion instruction; bf16 needs more), fp32 accumulation as before
 
@@ -164,7 +166,8 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
         return None
     return QMatmulConfig(bm, bn, bk, splits, o["num_warps"], o["num_stages"], gemv,
                          o.get("post_scale", False) and kind == "int4", o.get("magic", False) and mode != "fp8",
-                         defer_sum=o.get("defer_sum", False) and gemv and kind == "8bit",
+                         defer_sum=o.get("defer_sum", False) and gemv,
+                         or_codes=o.get("or_codes", False) and kind == "int4" and not gemv,
                          f16_dot=o.get("f16_dot", False) and not gemv and kind == "8bit")
 
 
@@ -259,22 +262,35 @@ def _kernel_8bit_gemv(x_ref, w_ref, s_ref, o_ref, *, block_k: int, steps: int, e
         o_ref[r, :] = (a * s).astype(o_ref.dtype)
 
 
+def _codes_16(q, dtype):
+    """u8 codes 0..15 -> dtype (bf16 / f16) values C + code, integer ops only: the code OR-ed into
+    the mantissa of C = 128 (bf16, 7 mantissa bits) or 1024 (f16, 10), where one unit is 1."""
+    magic = 0x4300 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) else 0x6400
+    return lax.bitcast_convert_type(q.astype(jnp.uint16) | magic, dtype)
+
+
 def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, steps: int, group: int,
-                 exact: bool, gemv: bool, post_scale: bool, magic: bool):
+                 exact: bool, gemv: bool, post_scale: bool, magic: bool, defer_sum: bool = False,
+                 or_codes: bool = False):
     """Per group: dequantize in registers and dot (default); or dot the raw codes and apply the
     group's scale and min to the [bm, bn] product (`post_scale`: x @ (q s + m) = (x @ q) s +
-    sum(x) m); or, `gemv`, multiply-and-sum each row on the CUDA cores."""
+    sum(x) m; `or_codes`: the codes as C + q in 16 bits, so x @ (C + q) = x @ q + C sum(x)); or,
+    `gemv`, multiply-and-sum each row on the CUDA cores (`defer_sum`: into a [g/2, bn] fp32 partial
+    per row and per nibble, summed over K once after the loop)."""
     from jax.experimental import pallas as pl
 
     split = pl.program_id(2)
     bm, bn = o_ref.shape[-2:]
     half, per_step = group // 2, block_k // group                         # packed rows per group
+    or_codes = or_codes and not exact and not gemv
 
     def group_rows(gi):
         p0 = pl.multiple_of(gi * half, half)
         q = w_ref[pl.ds(p0, half), :]                                      # u8 [g/2, bn]
         s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)                     # [1, bn]
         mn = m_ref[pl.ds(gi, 1), :].astype(jnp.float32)
+        if or_codes:                                                       # 16-bit C + code of rows 2i, 2i + 1
+            return p0, _codes_16(q & 0xF, xe_ref.dtype), _codes_16(q >> 4, xe_ref.dtype), s, mn
         if magic:
             q = q.astype(jnp.int32)
         # fp32 codes of rows 2i, 2i + 1
@@ -284,6 +300,12 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
         step = split * steps + i
         for j in range(per_step):                                          # one dot pair per group
             p0, lo, hi, s, mn = group_rows(step * per_step + j)
+            if gemv and defer_sum:
+                wlo, whi = lo * s + mn, hi * s + mn                        # [g/2, bn] dequantized, fp32
+                acc = tuple(a + xe_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None] * wlo
+                            + xo_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None] * whi
+                            for r, a in enumerate(acc))
+                continue
             if gemv:
                 new = []
                 for r in range(bm):
@@ -295,10 +317,12 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
                 continue
             xe = xe_ref[:, pl.ds(p0, half)]                                # [bm, g/2] rows 2i
             xo = xo_ref[:, pl.ds(p0, half)]                                # rows 2i + 1
-            if post_scale:
-                prod = _dot(xe, lo.astype(xe.dtype), exact) + _dot(xo, hi.astype(xe.dtype), exact)
+            if post_scale or or_codes:
+                lo, hi = (lo, hi) if or_codes else (lo.astype(xe.dtype), hi.astype(xe.dtype))
+                prod = _dot(xe, lo, exact) + _dot(xo, hi, exact)
                 xsum = (jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1))
-                acc = acc + prod * s + xsum[:, None] * mn
+                c = (128.0 if jnp.dtype(xe.dtype) == jnp.dtype(jnp.bfloat16) else 1024.0) if or_codes else 0.0
+                acc = acc + prod * s + xsum[:, None] * (mn - c * s)
             else:
                 lo = (lo * s + mn).astype(xe.dtype)
                 hi = (hi * s + mn).astype(xe.dtype)
@@ -306,9 +330,10 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
         return acc
 
     if gemv:
-        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)))
+        shape = (half, bn) if defer_sum else (bn,)
+        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros(shape, jnp.float32) for _ in range(bm)))
         for r, a in enumerate(accs):
-            o_ref[r, :] = a.astype(o_ref.dtype)
+            o_ref[r, :] = (jnp.sum(a, axis=0) if defer_sum else a).astype(o_ref.dtype)
         return
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -338,7 +363,8 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
         xe, xo = xp[:, 0::2], xp[:, 1::2]                                  # [Mp, K/2] each
         ng = k // group_size
         kernel = functools.partial(_kernel_int4, block_k=bk, steps=steps, group=group_size, exact=exact,
-                                   gemv=cfg.gemv, post_scale=cfg.post_scale, magic=cfg.magic)
+                                   gemv=cfg.gemv, post_scale=cfg.post_scale, magic=cfg.magic,
+                                   defer_sum=cfg.defer_sum, or_codes=cfg.or_codes)
         args = (xe, xo, w, scale.reshape(ng, n), minimum.reshape(ng, n))
         in_specs = [pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))] * 2 + [
             pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
@@ -364,7 +390,7 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
         compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
         name=(f"kiln_qmatmul_{mode}{'_nk' * nk}_m{bm}_n{bn}_k{bk}_s{sp}"
               f"{'_gemv' * cfg.gemv}{'_post' * cfg.post_scale}{'_magic' * cfg.magic}{'_defer' * cfg.defer_sum}"
-              f"{'_f16' * cfg.f16_dot}"),
+              f"{'_f16' * cfg.f16_dot}{'_or' * cfg.or_codes}"),
     )(*args)
     if sp > 1:
         out = out.sum(axis=0).astype(x.dtype)

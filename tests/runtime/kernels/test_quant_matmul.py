@@ -33,7 +33,8 @@ def _rel(y, ref):
 @given(mode=st.sampled_from(qm.MODES), m=st.sampled_from((1, 3, 17, 130)), k=st.sampled_from((128, 256)),
        n=st.sampled_from((16, 48, 64)), group=st.sampled_from((32, 64, 128)), splits=st.sampled_from((1, 2)),
        variant=st.sampled_from(({}, {"gemv": True}, {"post_scale": True}, {"magic": True},
-                                {"gemv": True, "magic": True}, {"gemv": True, "defer_sum": True, "block_n": 8})),
+                                {"gemv": True, "magic": True}, {"gemv": True, "defer_sum": True, "block_n": 8},
+                                {"gemv": True, "defer_sum": True, "magic": True}, {"or_codes": True})),
        nk=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_kernel_equals_reference(mode, m, k, n, group, splits, variant, nk, seed):
     """Every kernel form (tensor-core dot; multiply-and-sum rows for M <= 4, summed per step
@@ -57,13 +58,18 @@ def test_kernel_equals_reference(mode, m, k, n, group, splits, variant, nk, seed
     assert _rel(qm.quant_matmul_reference(x, *parts, mode=mode, group_size=group, w_layout=layout), ref) < 1e-5
 
 
-@pytest.mark.parametrize("mode,group", [("int8_wo", None), ("fp8", None), ("int4_wo", 32)])
-def test_kernel_bf16_activations(mode, group):
-    """bf16 activations, weights converted to bf16 in registers, fp32 accumulation: within
-    bf16 rounding of the dequantized-weights fp32 reference."""
-    x, parts, ref = _case(np.random.default_rng(3), mode, 5, 256, 64, group, jnp.bfloat16)
-    y = qm.quant_matmul(x, *parts, mode=mode, group_size=group, impl="interpret")
-    assert y.dtype == jnp.bfloat16 and _rel(y, ref) < 1e-2
+@pytest.mark.parametrize("mode,group,variant", [("int8_wo", None, {}), ("fp8", None, {}), ("int4_wo", 32, {}),
+                                                ("int4_wo", 64, {"or_codes": True})])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kernel_16bit_activations(mode, group, variant, dtype):
+    """bf16 / f16 activations, weights converted to 16 bits in registers (`or_codes`: int4 codes
+    as 128 + q or 1024 + q, the offset removed per group), fp32 accumulation: within 16-bit
+    rounding of the dequantized-weights fp32 reference."""
+    x, parts, ref = _case(np.random.default_rng(3), mode, 5, 256, 64, group, dtype)
+    cfg = qm.choose_config(5, 256, 64, mode, group, **variant)
+    assert cfg.or_codes == bool(variant)
+    y = qm.quant_matmul(x, *parts, mode=mode, group_size=group, impl="interpret", config=cfg)
+    assert y.dtype == dtype and _rel(y, ref) < 1e-2
 
 
 def test_choose_config():
@@ -126,3 +132,26 @@ def test_quantized_model_greedy_kernel_equals_xla(ckpt, monkeypatch, mode):
     assert _greedy(g, p, prompt, 4) == want
     # every projection (4 per layer, 2 layers) of each traced step went through the kernel
     assert calls and calls == [True] * len(calls) and len(calls) % (4 * 2) == 0
+
+
+@pytest.mark.parametrize("mode,variant", [("int4_wo", {"gemv": True, "defer_sum": True}),
+                                          ("int4_wo", {"gemv": True, "defer_sum": True, "magic": True}),
+                                          ("int4_wo", {"or_codes": True}), ("fp8", {"gemv": True, "defer_sum": True})])
+def test_lowers_to_triton_for_the_gpu(mode, variant):
+    """Each kernel form lowers through Pallas' Triton backend (no GPU needed to lower)."""
+    import jax
+
+    sd = jax.ShapeDtypeStruct
+    m, k, n, g = (1 if variant.get("gemv") else 16), 512, 256, 128
+    cfg = qm.choose_config(m, k, n, mode, g if mode == "int4_wo" else None, **variant)
+    if mode == "int4_wo":
+        args = (sd((m, k), jnp.bfloat16), sd((k // 2, n), jnp.uint8), sd((k // g, n), jnp.float16),
+                sd((k // g, n), jnp.float16))
+    else:
+        args = (sd((m, k), jnp.bfloat16), sd((k, n), jnp.float8_e4m3fn), sd((n,), jnp.float32))
+
+    def f(*a):
+        return qm.quant_matmul_pallas(*a, mode=mode, group_size=g if mode == "int4_wo" else None, config=cfg)
+
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
