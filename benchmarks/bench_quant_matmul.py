@@ -241,7 +241,20 @@ SWEEP4 = [
     ("int4_wo", 16, [{}, dict(post_scale=True), dict(or_codes=True), dict(or_codes=True, block_n=128, block_k=256),
                      dict(or_codes=True, block_n=32, block_k=512)]),
 ]
-SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4}
+# Run 5 (`--sweep 5`): the tensor-core form with `or_codes` on the GPU, its nibbles by inline PTX
+# (PRMT + LOP3: about one instruction per weight against ~6 for the fp32 conversions)
+OR = dict(or_codes=True, gemv=False, num_warps=4, num_stages=4)
+SWEEP5 = [
+    ("int4_wo", 1, [{}, dict(OR, block_n=64, block_k=128), dict(OR, block_n=64, block_k=256),
+                    dict(OR, block_n=128, block_k=128), dict(OR, block_n=128, block_k=256),
+                    dict(OR, block_n=32, block_k=256), dict(OR, block_n=64, block_k=256, num_stages=3),
+                    dict(OR, block_n=128, block_k=128, num_warps=8), dict(OR, block_n=64, block_k=512, num_stages=3)]),
+    ("int4_wo", 16, [{}, dict(OR, block_n=64, block_k=128), dict(OR, block_n=64, block_k=256),
+                     dict(OR, block_n=128, block_k=128), dict(OR, block_n=128, block_k=256)]),
+    ("int4_wo", 64, [{}, dict(OR, block_n=64, block_k=256), dict(OR, block_n=128, block_k=128),
+                     dict(OR, block_n=128, block_k=256, num_warps=8)]),
+]
+SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4, "5": SWEEP5}
 # `--parts profile`: (mode, M, impl, variant); the kernel variants are runs 1-2's best
 PROFILE = [("bf16", 16, "xla", None), ("fp8", 16, "xla", None),
            ("fp8", 16, "pallas", dict(TCS, block_n=32, block_k=256, num_stages=4)),

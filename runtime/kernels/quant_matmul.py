@@ -269,16 +269,47 @@ def _codes_16(q, dtype):
     return lax.bitcast_convert_type(q.astype(jnp.uint16) | magic, dtype)
 
 
-def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, steps: int, group: int,
+# One nibble of four packed bytes to 16-bit C + code (the GPU form of `_codes_16` on `q & 0xF`,
+# or on `q >> 4` after the leading shift): PRMT spreads bytes 0, 1 (2, 3) into the low bytes of
+# two 16-bit halves, LOP3 keeps a nibble per half and ORs in C's bits. $0 $1 the four results,
+# $2 the four bytes. (One asm per nibble: jax lowers an inline asm with one result only.)
+_NIBBLE_ASM = """{{
+.reg .b32 a, t0, t1;
+{shift}
+prmt.b32 t0, a, 0, 0x4140;
+prmt.b32 t1, a, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, {c}, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, {c}, 0xEA;
+}}"""
+
+
+def _nibbles_16(q, dtype, asm: bool):
+    """u8 [...] packed codes -> (C + low nibble, C + high nibble) in dtype (bf16 / f16); `asm`: the
+    PTX above (Triton backend only), else the same values by `_codes_16` (interpret mode)."""
+    if not asm:
+        return _codes_16(q & 0xF, dtype), _codes_16(q >> 4, dtype)
+    from jax.experimental.pallas import triton as plgpu
+
+    c = "0x43004300" if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) else "0x64006400"
+    out = [jax.ShapeDtypeStruct(q.shape, dtype)]
+    return tuple(plgpu.elementwise_inline_asm(_NIBBLE_ASM.format(c=c, shift=shift), args=[q], constraints="=r,=r,r",
+                                              pack=4, result_shape_dtypes=out)[0]
+                 for shift in ("mov.b32 a, $2;", "shr.u32 a, $2, 4;"))
+
+
+def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, *refs, block_k: int, steps: int, group: int,
                  exact: bool, gemv: bool, post_scale: bool, magic: bool, defer_sum: bool = False,
-                 or_codes: bool = False):
+                 or_codes: bool = False, asm: bool = False):
     """Per group: dequantize in registers and dot (default); or dot the raw codes and apply the
     group's scale and min to the [bm, bn] product (`post_scale`: x @ (q s + m) = (x @ q) s +
     sum(x) m; `or_codes`: the codes as C + q in 16 bits, so x @ (C + q) = x @ q + C sum(x)); or,
     `gemv`, multiply-and-sum each row on the CUDA cores (`defer_sum`: into a [g/2, bn] fp32 partial
-    per row and per nibble, summed over K once after the loop)."""
+    per row and per nibble, summed over K once after the loop). With `post_scale` or `or_codes` the
+    first of `refs` holds sum(x) per row and group, [bm, K/g] fp32 (summed outside the kernel);
+    the last is the output. `asm`: the nibbles of `or_codes` by inline PTX (the GPU)."""
     from jax.experimental import pallas as pl
 
+    xs_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     split = pl.program_id(2)
     bm, bn = o_ref.shape[-2:]
     half, per_step = group // 2, block_k // group                         # packed rows per group
@@ -290,7 +321,7 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
         s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)                     # [1, bn]
         mn = m_ref[pl.ds(gi, 1), :].astype(jnp.float32)
         if or_codes:                                                       # 16-bit C + code of rows 2i, 2i + 1
-            return p0, _codes_16(q & 0xF, xe_ref.dtype), _codes_16(q >> 4, xe_ref.dtype), s, mn
+            return (p0, *_nibbles_16(q, xe_ref.dtype, asm), s, mn)
         if magic:
             q = q.astype(jnp.int32)
         # fp32 codes of rows 2i, 2i + 1
@@ -299,7 +330,8 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
     def body(i, acc):
         step = split * steps + i
         for j in range(per_step):                                          # one dot pair per group
-            p0, lo, hi, s, mn = group_rows(step * per_step + j)
+            gi = step * per_step + j
+            p0, lo, hi, s, mn = group_rows(gi)
             if gemv and defer_sum:
                 wlo, whi = lo * s + mn, hi * s + mn                        # [g/2, bn] dequantized, fp32
                 acc = tuple(a + xe_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None] * wlo
@@ -320,9 +352,9 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, o_ref, *, block_k: int, st
             if post_scale or or_codes:
                 lo, hi = (lo, hi) if or_codes else (lo.astype(xe.dtype), hi.astype(xe.dtype))
                 prod = _dot(xe, lo, exact) + _dot(xo, hi, exact)
-                xsum = (jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1))
+                xsum = xs_ref[:, pl.ds(gi, 1)]                                # [bm, 1]
                 c = (128.0 if jnp.dtype(xe.dtype) == jnp.dtype(jnp.bfloat16) else 1024.0) if or_codes else 0.0
-                acc = acc + prod * s + xsum[:, None] * (mn - c * s)
+                acc = acc + prod * s + xsum * (mn - c * s)
             else:
                 lo = (lo * s + mn).astype(xe.dtype)
                 hi = (hi * s + mn).astype(xe.dtype)
@@ -364,12 +396,15 @@ def quant_matmul_pallas(x, w, scale, minimum=None, *, mode: str, group_size: int
         ng = k // group_size
         kernel = functools.partial(_kernel_int4, block_k=bk, steps=steps, group=group_size, exact=exact,
                                    gemv=cfg.gemv, post_scale=cfg.post_scale, magic=cfg.magic,
-                                   defer_sum=cfg.defer_sum, or_codes=cfg.or_codes)
+                                   defer_sum=cfg.defer_sum, or_codes=cfg.or_codes, asm=not interpret)
         args = (xe, xo, w, scale.reshape(ng, n), minimum.reshape(ng, n))
         in_specs = [pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))] * 2 + [
             pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j)),
             pl.BlockSpec((ng, bn), lambda i, j, s: (0, j))]
+        if (cfg.post_scale or cfg.or_codes) and not cfg.gemv:               # sum(x) per row and group
+            args += (xp.astype(jnp.float32).reshape(mp, ng, group_size).sum(-1),)
+            in_specs.append(pl.BlockSpec((bm, ng), lambda i, j, s: (i, 0)))
     else:
         kernel = (functools.partial(_kernel_8bit_gemv, defer_sum=cfg.defer_sum) if cfg.gemv
                   else functools.partial(_kernel_8bit, f16_dot=cfg.f16_dot))
