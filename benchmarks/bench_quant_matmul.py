@@ -254,7 +254,15 @@ SWEEP5 = [
     ("int4_wo", 64, [{}, dict(OR, block_n=64, block_k=256), dict(OR, block_n=128, block_k=128),
                      dict(OR, block_n=128, block_k=256, num_warps=8)]),
 ]
-SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4, "5": SWEEP5}
+# Run 6 (`--sweep 6`): around run 5's best (or_codes, block_n 128, block_k 128, 4 warps, 4 stages,
+# now the default "{}"): stages, warps, wider tiles, split-K; M = 256 with or_codes
+SWEEP6 = [
+    ("int4_wo", 1, [{}, dict(num_stages=3), dict(num_stages=6), dict(num_warps=2), dict(num_warps=8, block_n=256),
+                    dict(splits=1), dict(block_n=256), dict(gemv=True, block_n=128, block_k=128, or_codes=False)]),
+    ("int4_wo", 16, [{}, dict(num_stages=3), dict(num_stages=6), dict(splits=1)]),
+    ("int4_wo", 256, [{}, dict(or_codes=True), dict(or_codes=True, block_m=64, num_warps=4, num_stages=4)]),
+]
+SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4, "5": SWEEP5, "6": SWEEP6}
 # `--parts profile`: (mode, M, impl, variant); the kernel variants are runs 1-2's best
 PROFILE = [("bf16", 16, "xla", None), ("fp8", 16, "xla", None),
            ("fp8", 16, "pallas", dict(TCS, block_n=32, block_k=256, num_stages=4)),

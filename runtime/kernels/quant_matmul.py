@@ -18,6 +18,9 @@ packed byte row = one even and one odd weight row), so no nibble interleaving ha
     split s covers K steps [s * steps, (s + 1) * steps)  -> fp32 partials, summed outside
 
 With few tokens N / block_n programs leave most of the H100's 132 SMs idle, hence split-K.
+int4 up to 64 tokens takes the tensor-core form at every M (M = 1 pads to 16 rows) with the
+codes fed as 16-bit 128 + code, built from the packed bytes by inline PTX (PRMT + LOP3, about
+one instruction per weight), the 128 * sum(x) removed per group (`or_codes`).
 The multiply-and-sum form (`gemv`, M <= 4) on [N, K] weights instead takes narrow tiles (8-16
 output channels, 1 KB of K per step: every program streams long contiguous rows) and, with
 `defer_sum`, adds the products into a tile-shaped fp32 partial, reduced over K once at the end.
@@ -126,9 +129,11 @@ TUNED = {
     ("8bit_nk", 4): dict(_GEMV, block_n=8, block_k=1024, num_warps=4, num_stages=3, splits=1, defer_sum=True),
     ("8bit_nk", 16): dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
     ("8bit_nk", 64): dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
-    ("int4", 4): _GEMV,
-    ("int4", 16): dict(block_n=64, block_k=256, num_warps=4, num_stages=4),
-    ("int4", 64): dict(block_n=128, block_k=128, num_warps=4, num_stages=4, post_scale=True),
+    # int4 up to 64 tokens (session 7, BENCHMARKS.md "int4 codes by inline PTX"): the tensor-core form fed
+    # 128 + code from PRMT + LOP3, one group per step: M = 1 3.46 -> 2.99 ms, 16: 3.96 -> 3.08, 64: 8.27 -> 7.31
+    ("int4", 4): dict(or_codes=True, block_n=128, block_k=128, num_warps=4, num_stages=4),
+    ("int4", 16): dict(or_codes=True, block_n=128, block_k=128, num_warps=4, num_stages=4),
+    ("int4", 64): dict(or_codes=True, block_n=128, block_k=128, num_warps=4, num_stages=4),
     ("int4", 256): dict(block_n=128, block_k=128, num_warps=8, num_stages=3),
 }
 
