@@ -54,8 +54,10 @@ NUM_CORES = 132  # H100 SXM
 # (BENCHMARKS.md, "Fused dequantizing matmuls", "Decode matmuls profiled"): int4 at every M
 # measured (XLA dequantizes the whole weight first, 0.15 TB/s); int8 and fp8 never: on [N, K]
 # weights the kernel is within +-5% of XLA's convert-in-dot (M = 1: -5% to +4% by run; M = 16:
-# +3%), below the run-to-run spread, so the build's autotune table decides per shape instead
-AUTO_MAX_M = {"int4_wo": 256, "int8_wo": 0, "fp8": 0}
+# +3%), below the run-to-run spread, so the build's autotune table decides per shape instead. fp8 runs
+# the kernel at the 16-token bucket of batch-1 decode all the same: as fast, and XLA's Triton GEMM
+# autotuning of its convert-in-dot fusions made the fp8 batch-1 engine's compile take over 300 s
+AUTO_MAX_M = {"int4_wo": 256, "int8_wo": 0, "fp8": 16}
 
 
 # --------------------------------------------------------------------------- reference
@@ -153,7 +155,9 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
     gemv = o.get("gemv", False) and m <= 4
     bm = _pow2(m) if gemv else o.get("block_m") or min(max(16, _pow2(m)), 64 if m <= 64 else 128)
     # the multiply-and-sum form has no tensor-core minimum: [N, K] rows as narrow as 8 channels
-    bn = _fit(o["block_n"], n, 8 if gemv and w_layout == "nk" and kind == "8bit" else 16)
+    # (a narrow gemv tile asked for at M > 4 widens to the tensor-core form's 16 channels)
+    floor_n = 8 if gemv and w_layout == "nk" and kind == "8bit" else 16
+    bn = _fit(max(o["block_n"], floor_n), n, floor_n)
     floor = max(group_size or 16, 16) if kind == "int4" else 16
     # defer_sum keeps a [bn, bk] fp32 partial per row in registers: fewer K per step for more rows
     want_k = o["block_k"] // _pow2(m) if gemv and o.get("defer_sum") else o["block_k"]
