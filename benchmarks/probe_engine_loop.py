@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--num-requests", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-tokens", type=int, default=4096)
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--latency", action="store_true",
                     help="one request at a time (kiln bench's latency mode; e.g. --num-requests 2 --osl 512)")
     ap.add_argument("--tile-layout", action="store_true",
@@ -72,6 +73,9 @@ def main():
     # cuBLAS GEMMs, as bench_e2e.py --compiler-option; not at batch 1, where fp8 weights run W8A16 through
     # XLA's Triton convert-in-dot (without it they are dequantized whole: 64.6 tok/s, BENCHMARKS.md session 5)
     opts = {} if a.latency else {"xla_gpu_enable_triton_gemm": False}
+    for o in a.compiler_option:  # NAME=VALUE, as bench_e2e.py (true/false/ints parsed)
+        name, val = o.split("=", 1)
+        opts[name] = {"true": True, "false": False}.get(val.lower(), int(val) if val.lstrip("-").isdigit() else val)
     llm = LLM(f"random:{a.preset}", dtype="bfloat16", quantization=a.quant, max_model_len=2304, max_num_seqs=a.max_num_seqs,
               max_num_tokens=a.max_num_tokens, kv_cache_dtype=a.kv_cache_dtype, num_kv_blocks=a.num_kv_blocks,
               compiler_options=opts)
