@@ -262,7 +262,14 @@ SWEEP6 = [
     ("int4_wo", 16, [{}, dict(num_stages=3), dict(num_stages=6), dict(splits=1)]),
     ("int4_wo", 256, [{}, dict(or_codes=True), dict(or_codes=True, block_m=64, num_warps=4, num_stages=4)]),
 ]
-SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4, "5": SWEEP5, "6": SWEEP6}
+# Run 7 (`--sweep 7`): M = 1 on the CUDA cores with the PTX codes: (128 + q) s + (m - 128 s), one
+# FMA per weight, into a tile-shaped partial summed once (no tensor-core operand staging)
+GO = dict(gemv=True, defer_sum=True, or_codes=True, block_k=128, num_warps=4, num_stages=4)
+SWEEP7 = [
+    ("int4_wo", 1, [{}, dict(GO, block_n=32), dict(GO, block_n=64), dict(GO, block_n=128), dict(GO, block_n=64, num_warps=2),
+                    dict(GO, block_n=64, num_stages=3), dict(GO, block_n=32, num_warps=2), dict(GO, block_n=16)]),
+]
+SWEEPS = {"1": SWEEP, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4, "5": SWEEP5, "6": SWEEP6, "7": SWEEP7}
 # `--parts profile`: (mode, M, impl, variant); the kernel variants are runs 1-2's best
 PROFILE = [("bf16", 16, "xla", None), ("fp8", 16, "xla", None),
            ("fp8", 16, "pallas", dict(TCS, block_n=32, block_k=256, num_stages=4)),

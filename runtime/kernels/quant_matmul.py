@@ -176,7 +176,7 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
     return QMatmulConfig(bm, bn, bk, splits, o["num_warps"], o["num_stages"], gemv,
                          o.get("post_scale", False) and kind == "int4", o.get("magic", False) and mode != "fp8",
                          defer_sum=o.get("defer_sum", False) and gemv,
-                         or_codes=o.get("or_codes", False) and kind == "int4" and not gemv,
+                         or_codes=o.get("or_codes", False) and kind == "int4" and (not gemv or o.get("defer_sum", False)),
                          f16_dot=o.get("f16_dot", False) and not gemv and kind == "8bit")
 
 
@@ -313,7 +313,8 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, *refs, block_k: int, steps
     group's scale and min to the [bm, bn] product (`post_scale`: x @ (q s + m) = (x @ q) s +
     sum(x) m; `or_codes`: the codes as C + q in 16 bits, so x @ (C + q) = x @ q + C sum(x)); or,
     `gemv`, multiply-and-sum each row on the CUDA cores (`defer_sum`: into a [g/2, bn] fp32 partial
-    per row and per nibble, summed over K once after the loop). With `post_scale` or `or_codes` the
+    per row and per nibble, summed over K once after the loop; with `or_codes` too, the 16-bit
+    C + q codes widened and dequantized by one FMA against the bias m - C s). With `post_scale` or `or_codes` the
     first of `refs` holds sum(x) per row and group, [bm, K/g] fp32 (summed outside the kernel);
     the last is the output. `asm`: the nibbles of `or_codes` by inline PTX (the GPU)."""
     from jax.experimental import pallas as pl
@@ -322,7 +323,8 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, *refs, block_k: int, steps
     split = pl.program_id(2)
     bm, bn = o_ref.shape[-2:]
     half, per_step = group // 2, block_k // group                         # packed rows per group
-    or_codes = or_codes and not exact and not gemv
+    or_codes = or_codes and not exact and (not gemv or defer_sum)
+    c = 128.0 if jnp.dtype(xe_ref.dtype) == jnp.dtype(jnp.bfloat16) else 1024.0     # or_codes' offset
 
     def group_rows(gi):
         p0 = pl.multiple_of(gi * half, half)
@@ -342,7 +344,11 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, *refs, block_k: int, steps
             gi = step * per_step + j
             p0, lo, hi, s, mn = group_rows(gi)
             if gemv and defer_sum:
-                wlo, whi = lo * s + mn, hi * s + mn                        # [g/2, bn] dequantized, fp32
+                if or_codes:   # (c + q) s + (m - c s): one FMA per weight, the offset folded into the bias
+                    bias = mn - c * s
+                    wlo, whi = lo.astype(jnp.float32) * s + bias, hi.astype(jnp.float32) * s + bias
+                else:
+                    wlo, whi = lo * s + mn, hi * s + mn                    # [g/2, bn] dequantized, fp32
                 acc = tuple(a + xe_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None] * wlo
                             + xo_ref[r, pl.ds(p0, half)].astype(jnp.float32)[:, None] * whi
                             for r, a in enumerate(acc))
@@ -362,8 +368,7 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, *refs, block_k: int, steps
                 lo, hi = (lo, hi) if or_codes else (lo.astype(xe.dtype), hi.astype(xe.dtype))
                 prod = _dot(xe, lo, exact) + _dot(xo, hi, exact)
                 xsum = xs_ref[:, pl.ds(gi, 1)]                                # [bm, 1]
-                c = (128.0 if jnp.dtype(xe.dtype) == jnp.dtype(jnp.bfloat16) else 1024.0) if or_codes else 0.0
-                acc = acc + prod * s + xsum * (mn - c * s)
+                acc = acc + prod * s + xsum * (mn - (c if or_codes else 0.0) * s)
             else:
                 lo = (lo * s + mn).astype(xe.dtype)
                 hi = (hi * s + mn).astype(xe.dtype)

@@ -59,14 +59,16 @@ def test_kernel_equals_reference(mode, m, k, n, group, splits, variant, nk, seed
 
 
 @pytest.mark.parametrize("mode,group,variant", [("int8_wo", None, {}), ("fp8", None, {}), ("int4_wo", 32, {}),
-                                                ("int4_wo", 64, {"or_codes": False})])
+                                                ("int4_wo", 64, {"or_codes": False}),
+                                                ("int4_wo", 128, {"or_codes": True, "gemv": True, "defer_sum": True})])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_kernel_16bit_activations(mode, group, variant, dtype):
     """bf16 / f16 activations, weights converted to 16 bits in registers (`or_codes`: int4 codes
     as 128 + q or 1024 + q, the offset removed per group), fp32 accumulation: within 16-bit
     rounding of the dequantized-weights fp32 reference."""
-    x, parts, ref = _case(np.random.default_rng(3), mode, 5, 256, 64, group, dtype)
-    cfg = qm.choose_config(5, 256, 64, mode, group, **variant)
+    m = 3 if variant.get("gemv") else 5
+    x, parts, ref = _case(np.random.default_rng(3), mode, m, 256, 64, group, dtype)
+    cfg = qm.choose_config(m, 256, 64, mode, group, **variant)
     assert cfg.or_codes == variant.get("or_codes", mode == "int4_wo")  # int4's default up to 64 tokens
     y = qm.quant_matmul(x, *parts, mode=mode, group_size=group, impl="interpret", config=cfg)
     assert y.dtype == dtype and _rel(y, ref) < 1e-2
@@ -136,7 +138,8 @@ def test_quantized_model_greedy_kernel_equals_xla(ckpt, monkeypatch, mode):
 
 @pytest.mark.parametrize("mode,variant", [("int4_wo", {"gemv": True, "defer_sum": True}),
                                           ("int4_wo", {"gemv": True, "defer_sum": True, "magic": True}),
-                                          ("int4_wo", {"or_codes": True}), ("fp8", {"gemv": True, "defer_sum": True})])
+                                          ("int4_wo", {"or_codes": True}), ("fp8", {"gemv": True, "defer_sum": True}),
+                                          ("int4_wo", {"gemv": True, "defer_sum": True, "or_codes": True})])
 def test_lowers_to_triton_for_the_gpu(mode, variant):
     """Each kernel form lowers through Pallas' Triton backend (no GPU needed to lower)."""
     import jax
