@@ -124,6 +124,24 @@ def run_throughput(llm, reqs: list[BenchRequest]) -> dict:
     return res
 
 
+def latency_warmup(llm, reqs: list[BenchRequest], *, seed: int, most: int = 8) -> list[BenchRequest] | None:
+    """Warm-up requests for latency mode: per distinct prompt length one fresh random prompt of
+    that length (the timed prompts must not hit the prefix cache) with the longest output asked
+    for: run alone they take every step shape the timed run will (each prefill bucket, every
+    block-table width up to the longest context). None above `most` lengths (warm up as for
+    throughput instead)."""
+    longest: dict[int, int] = {}
+    for r in reqs:
+        n = _prompt_len(llm, r)
+        longest[n] = max(longest.get(n, 0), r.max_tokens)
+    if len(longest) > most:
+        return None
+    rng = np.random.default_rng(seed)
+    hi_tok = min(llm.config.vocab_size, 32000)
+    return [BenchRequest(rng.integers(100, hi_tok, n).tolist(), out) for n, out in
+            sorted(longest.items(), key=lambda kv: -(kv[0] + kv[1]))]
+
+
 def run_latency(llm, reqs: list[BenchRequest]) -> dict:
     """One request at a time."""
     from kiln.runtime.sampling_params import SamplingParams
@@ -283,11 +301,17 @@ def run(llm, a: BenchArgs, *, log=print) -> dict:
         warm = reqs if a.dataset else synthetic_requests(len(reqs), a.isl, a.osl, llm.config.vocab_size,
                                                          isl_spread=a.isl_spread, osl_spread=a.osl_spread,
                                                          seed=a.seed + 1)
-        run_throughput(llm, warm[: min(len(warm), llm.runner.max_num_seqs)])
-        run_latency(llm, warm[:1])
-        n = llm.runner.precompile_seen()  # the token buckets the warm-up missed (ramp-up/down of the timed run)
-        if n:
-            log(f"kiln bench: compiled {n} more token buckets")
+        alone = latency_warmup(llm, reqs, seed=a.seed + 2) if a.mode == "latency" else None
+        if alone is not None:
+            # one request at a time meets only these steps: no batch buckets to compile (each of those
+            # autotunes XLA's Triton GEMMs for W8A16 weights: minutes for an fp8 engine)
+            run_latency(llm, alone)
+        else:
+            run_throughput(llm, warm[: min(len(warm), llm.runner.max_num_seqs)])
+            run_latency(llm, warm[:1])
+            n = llm.runner.precompile_seen()  # the token buckets the warm-up missed (ramp-up/down of the timed run)
+            if n:
+                log(f"kiln bench: compiled {n} more token buckets")
     log(f"kiln bench: {a.mode}, {len(reqs)} requests")
     report = {"mode": a.mode, "config": asdict(a)}
     if a.mode == "throughput":

@@ -51,3 +51,35 @@ def test_warmup_leaves_no_token_bucket_to_compile(ckpt):
     prompts = [[3 + i] * (9 + 4 * i) for i in range(4)]  # 54 prompt tokens in one step, then 4..1 decoding
     out = llm.generate(prompts, [SamplingParams(max_tokens=2 + i, temperature=0) for i in range(4)], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in out] == [2, 3, 4, 5] and compiles == []
+
+
+def test_latency_warmup_covers_the_timed_run(ckpt):
+    """Latency mode warms up with one fresh prompt per distinct prompt length, run alone: the
+    timed run then compiles nothing (its prefills miss the prefix cache as the warm-up's did, its
+    longest context reaches the widest block table), where one warm-up request would not."""
+    from kiln import LLM
+    from kiln.runtime import bench
+
+    def engine():
+        return LLM(str(ckpt), dtype="float32", num_kv_blocks=64, max_num_seqs=4, max_num_tokens=64,
+                   max_model_len=128, attention="reference")
+
+    def compiles_in(llm, reqs):
+        seen, orig = [], llm.runner._lower_compile
+        llm.runner._lower_compile = lambda b: seen.append(b.shape_key) or orig(b)
+        res = bench.run_latency(llm, reqs)
+        assert res["requests"] == len(reqs)
+        return seen
+
+    rng = __import__("numpy").random.default_rng(0)
+    reqs = [bench.BenchRequest(rng.integers(100, 200, n).tolist(), out) for n, out in ((12, 3), (30, 3), (60, 40))]
+    llm = engine()
+    alone = bench.latency_warmup(llm, reqs, seed=2)
+    assert sorted((len(r.prompt), r.max_tokens) for r in alone) == [(12, 3), (30, 3), (60, 40)]
+    assert all(a.prompt != r.prompt for a in alone for r in reqs)
+    bench.run_latency(llm, alone)
+    assert compiles_in(llm, reqs) == []
+    naive = engine()   # the control: one short warm-up request leaves steps to compile in the timed run
+    bench.run_latency(naive, bench.synthetic_requests(1, 12, 3, naive.config.vocab_size, seed=1))
+    assert compiles_in(naive, reqs) != []
+    assert bench.latency_warmup(llm, reqs, seed=2, most=2) is None
