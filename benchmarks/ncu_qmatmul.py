@@ -51,6 +51,7 @@ def sass_top(text: str, n: int = 14) -> list[str]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds per ncu run (the report's import not counted)")
     ap.add_argument("specs", nargs="+")
     a = ap.parse_args()
     summary, raw = [], []
@@ -62,7 +63,11 @@ def main():
                "--set", "full", "--import-source", "yes", "-f", "-o", rep, sys.executable,
                os.path.join(HERE, "probe_qmatmul.py"), "--mode", mode, "--m", m, "--shape", shape, "--config", cfg,
                "--copies", "2", "--rounds", "2"]
-        log = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        try:
+            log = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            summary.append(f"== {spec}\n  ncu ran past {a.timeout} s")
+            continue
         details = subprocess.run(["ncu", "--import", rep + ".ncu-rep", "--page", "details"], capture_output=True,
                                  text=True).stdout
         sass = subprocess.run(["ncu", "--import", rep + ".ncu-rep", "--page", "source", "--csv", "--print-source",
@@ -79,9 +84,13 @@ def main():
         if os.path.exists(rep + ".ncu-rep"):
             os.remove(rep + ".ncu-rep")
         print("\n".join(summary[first:]), flush=True)
-    with open(os.path.join(a.out, "ncu_summary.txt"), "w") as f:
+        _write(a.out, summary, raw)  # after every spec: a call cut by its limit still returns what ran
+
+
+def _write(out: str, summary: list[str], raw: list[tuple[str, str]]) -> None:
+    with open(os.path.join(out, "ncu_summary.txt"), "w") as f:
         f.write("\n".join(summary) + "\n")
-    with tarfile.open(os.path.join(a.out, "ncu_raw.tar.gz"), "w:gz") as t:
+    with tarfile.open(os.path.join(out, "ncu_raw.tar.gz"), "w:gz") as t:
         for name, text in raw:
             data = text.encode()
             info = tarfile.TarInfo(name)
