@@ -53,6 +53,7 @@ def build(model: str | None, out_dir: str | Path, bc: BuildConfig, *, log=print,
                       num_kv_blocks=bc.num_kv_blocks, gpu_memory_utilization=bc.gpu_memory_utilization,
                       attention=bc.attention, compiler_options=bc.compiler_options, log=log)
         bc.compiler_options = llm.runner.compiler_options  # those this XLA accepted (None: the default rule's)
+        bc.small_step_compiler_options = llm.runner.small_step_options
         bc.passes = list(llm.passes_run)
         bc.num_kv_blocks = llm.runner.num_blocks
         bc.max_model_len = llm.max_model_len

@@ -56,6 +56,8 @@ class BuildConfig:
     attention: str = "auto"
     # XLA options of every step compile (None: the default rule; after the build: those in effect)
     compiler_options: dict | None = None
+    # the token buckets up to runner.SMALL_STEP_TOKENS, where they differ (None: compiler_options)
+    small_step_compiler_options: dict | None = None
     autotune_budget_s: float | None = 20.0  # quantized-matmul autotune (runtime/autotune.py); None: none
     passes: list[str] = field(default_factory=list)  # filled by the build: the passes that ran
 

@@ -28,7 +28,7 @@ from kiln.passes import PipelineOptions, build_passes, run_pipeline
 from kiln.runtime.engine_dir import is_engine_dir
 from kiln.runtime.engine import Engine
 from kiln.runtime.outputs import EngineStats, RequestOutput
-from kiln.runtime.runner import Runner, _log_stderr, default_compiler_options
+from kiln.runtime.runner import Runner, _log_stderr, default_compiler_options, default_small_step_options
 from kiln.runtime.sampling_params import SamplingParams
 
 
@@ -74,7 +74,8 @@ class LLM:
     seed: the base of the per-request seeds; attention: the attention implementation
     (see runtime/kernels); overlap: plan step N+1 while step N runs; warmup: compile every
     token bucket at start-up instead of on first use; compiler_options: XLA options of the
-    step compiles (default: `runner.default_compiler_options`; an engine keeps its build's).
+    step compiles (default: `runner.default_compiler_options`, and `default_small_step_options` for the
+    token buckets of batch-1-sized steps; an engine keeps its build's).
     quant_method / calibration: how
     `quantization` rounds the weights (rtn | awq | gptq | awq+gptq; calibration: "default"
     for passes/calibration.txt, a text, or token-id prompts; with calibration, GPTQ by default).
@@ -100,8 +101,9 @@ class LLM:
             max_model_len, max_num_seqs, max_num_tokens = bc.max_model_len, bc.max_num_seqs, bc.max_num_tokens
             compiler_options = None  # the build's, set by _finish_engine_load
         else:
-            if compiler_options is None:
+            if compiler_options is None:  # Kiln's rule, with its own options for batch-1-sized buckets
                 compiler_options = default_compiler_options(quantization)
+                kw["small_step_options"] = default_small_step_options(quantization)
             from kiln.runtime.kernels.quant_matmul import set_tuned_table
 
             set_tuned_table(None)  # no engine, no autotune table: the static rule
@@ -249,7 +251,7 @@ class LLM:
     def _finish_engine_load(self, bc) -> None:
         """The engine's compiler options; its build buckets fetched from the compilation
         cache in the background (shapes only), while the weights' restore completes."""
-        self.runner.set_compiler_options(bc.compiler_options)
+        self.runner.set_compiler_options(bc.compiler_options, bc.small_step_compiler_options)
         if self._restore is not None:
             # the build buckets' executables fetched beside the restore (H100: fetching them after it, or
             # only on first use, started 1-3 s slower; BENCHMARKS.md, issue #6)

@@ -51,12 +51,25 @@ def default_compiler_options(quantization: str | None) -> dict:
     return {}
 
 
+SMALL_STEP_TOKENS = 16  # token buckets up to this size may compile with their own options
+
+
+def default_small_step_options(quantization: str | None) -> dict | None:
+    """XLA options of the token buckets up to SMALL_STEP_TOKENS (batch-1 decode) where they
+    differ from `default_compiler_options` (None: the same): an unquantized model's keep XLA's
+    Triton GEMMs there (H100, Llama-3-8B shape, bf16 latency 128/512: TPOT 6.15 ms with them
+    against 6.32-6.44 ms on cuBLAS over four runs; BENCHMARKS.md, session 7)."""
+    if quantization is None and jax.default_backend() == "gpu":
+        return {}
+    return None
+
+
 class Runner:
     def __init__(self, graph: Graph, params: dict, *, dtype: str, block_size: int, max_num_seqs: int,
                  max_num_tokens: int, max_model_len: int, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, attention: str = "auto", step_fn=None, allocate_kv=None,
                  kv_shards: int = 1, log=_log_stderr, compiler_options: dict | None = None,
-                 activation_bytes: int | None = None):
+                 activation_bytes: int | None = None, small_step_options: dict | None = None):
         self.graph, self.params, self.dtype = graph, params, dtype
         self.block_size, self.max_num_seqs, self.max_num_tokens = block_size, max_num_seqs, max_num_tokens
         self.max_blocks = -(-max_model_len // block_size)
@@ -66,7 +79,7 @@ class Runner:
         self._step = step_fn or lower(graph, attention=attention)
         self._allocate_kv = allocate_kv or (lambda n, bs, dt: allocate_kv_cache(graph, n, bs, dt))
         self.kv_shards = kv_shards
-        self.set_compiler_options(compiler_options)
+        self.set_compiler_options(compiler_options, small_step_options)
         self._given_activation_bytes = activation_bytes  # measured elsewhere (LLM, beside the load)
         self._compiled: set = set()
         self._executables: dict = {}   # shape key -> compiled step (fetched from the persistent cache if there)
@@ -98,10 +111,27 @@ class Runner:
     def kv(self, value) -> None:
         self._kv = value
 
-    def set_compiler_options(self, options: dict | None) -> None:
+    def set_compiler_options(self, options: dict | None, small: dict | None = None) -> None:
         """XLA options for every step compile (part of the compilation-cache key, so an engine
-        loads with the options it was built with). Options this XLA does not know are
-        dropped with a message; `self.compiler_options` holds those in effect."""
+        loads with the options it was built with); `small`, where given, for the token buckets
+        up to SMALL_STEP_TOKENS instead. Options this XLA does not know are dropped with a
+        message; `self.compiler_options` / `self.small_step_options` hold those in effect."""
+        self.compiler_options = self._accepted(options)
+        self.small_step_options = None if small is None else self._accepted(small)
+        if self.small_step_options == self.compiler_options:
+            self.small_step_options = None
+
+        def jit(opts):
+            kw = {"compiler_options": opts} if opts else {}
+            return jax.jit(self._fused_packed, donate_argnums=(1,), static_argnames=("layout", "all_greedy", "num_logprobs"),
+                           **kw)
+
+        self._fn = jit(self.compiler_options)
+        self._fn_small = None if self.small_step_options is None else jit(self.small_step_options)
+        self._executables, self._pending = {}, {}
+        self._layouts: dict = {}  # shape key -> the packed-input layout its executable was lowered with
+
+    def _accepted(self, options: dict | None) -> dict:
         options = dict(options or {})
         if options:
             try:
@@ -109,12 +139,13 @@ class Runner:
             except Exception as e:  # an unknown option name or value, or a jax without the argument
                 self.log(f"compiler options {options} not applied ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})")
                 options = {}
-        self.compiler_options = options
-        kw = {"compiler_options": options} if options else {}
-        self._fn = jax.jit(self._fused_packed, donate_argnums=(1,),
-                           static_argnames=("layout", "all_greedy", "num_logprobs"), **kw)
-        self._executables, self._pending = {}, {}
-        self._layouts: dict = {}  # shape key -> the packed-input layout its executable was lowered with
+        return options
+
+    def _fn_for(self, b: StepBatch):
+        """The jitted step whose compiler options serve `b`'s token bucket."""
+        if self._fn_small is not None and b.inputs["token_ids"].shape[0] <= SMALL_STEP_TOKENS:
+            return self._fn_small
+        return self._fn
 
     # -- memory
     def _blocks_from_memory(self, utilization: float) -> int:
@@ -207,7 +238,8 @@ class Runner:
         if self._layouts.get(key, layout) == layout:
             self.kv, out = fn(*args)
         else:  # a batch whose structure the key does not capture: jit it
-            self.kv, out = self._fn(*args, layout=layout, all_greedy=batch.all_greedy, num_logprobs=batch.num_logprobs)
+            self.kv, out = self._fn_for(batch)(*args, layout=layout, all_greedy=batch.all_greedy,
+                                               num_logprobs=batch.num_logprobs)
         if first:
             out["tokens"].block_until_ready()
             self.compile_seconds += time.perf_counter() - t0
@@ -244,9 +276,9 @@ class Runner:
         self._layouts[b.shape_key] = layout
         kw = dict(layout=layout, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
         if self.kv_shards > 1:
-            return self._fn.lower(self.params, self.kv, self._prev_tokens, packs, **kw).compile()
+            return self._fn_for(b).lower(self.params, self.kv, self._prev_tokens, packs, **kw).compile()
         prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        return self._fn.lower(_abstract(self.params), self._kv_like, prev, packs, **kw).compile()
+        return self._fn_for(b).lower(_abstract(self.params), self._kv_like, prev, packs, **kw).compile()
 
     def _executable(self, b: StepBatch, layout: tuple):
         """The compiled step for `b`'s shape key. Several devices: jit's own dispatch (its
@@ -254,7 +286,8 @@ class Runner:
         key = b.shape_key
         if self.kv_shards > 1:
             self._layouts[key] = layout
-            return lambda *args: self._fn(*args, layout=layout, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
+            fn = self._fn_for(b)
+            return lambda *args: fn(*args, layout=layout, all_greedy=b.all_greedy, num_logprobs=b.num_logprobs)
         fn = self._executables.get(key)
         if fn is None:
             fut = self._pending.pop(key, None)

@@ -230,3 +230,48 @@ def test_weights_saved_in_parts(built, tmp_path, monkeypatch, capsys):
     files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 3])
     capsys.readouterr()  # the loads' log lines above
     assert "weights" in _cli_error(capsys, engine)
+
+
+def test_small_step_options(built, monkeypatch):
+    """Batch-1-sized token buckets (<= 16 tokens) compile with their own options where given
+    (Kiln's GPU rule: XLA's Triton GEMMs there, cuBLAS above), same tokens; equal options
+    collapse to one; a build records them and an engine loads them; an older engine.json
+    without the field loads with none."""
+    from kiln.runtime import runner as runner_mod
+    from kiln.runtime.engine_dir import BuildConfig
+
+    eng = LLM(str(built[1]))
+    r = eng.runner
+    ref = _tokens(eng)
+    r.set_compiler_options({"xla_cpu_enable_fast_math": False}, {})
+    assert r.small_step_options == {} and r._fn_small is not None
+    small, big = [b for b in r._warmup_batches() if len(b.inputs["token_ids"]) in (16, 32)][:2]
+    assert r._fn_for(small) is r._fn_small and r._fn_for(big) is r._fn
+    assert _tokens(eng) == ref
+    r.set_compiler_options({"xla_cpu_enable_fast_math": False}, {"xla_cpu_enable_fast_math": False})
+    assert r.small_step_options is None and r._fn_small is None
+    assert BuildConfig.from_json({"dtype": "float32"}).small_step_compiler_options is None
+    # the default rule on a GPU: cuBLAS for every bucket, Triton GEMMs for the small ones
+    monkeypatch.setattr(runner_mod.jax, "default_backend", lambda: "gpu")
+    assert runner_mod.default_compiler_options(None) == {"xla_gpu_enable_triton_gemm": False}
+    assert runner_mod.default_small_step_options(None) == {} and runner_mod.default_small_step_options("fp8") is None
+
+
+def test_build_records_small_step_options(tmp_path, monkeypatch):
+    """`kiln build` with the default rule stores the small buckets' options beside the others,
+    and the engine loads with both."""
+    from kiln.runtime import llm as llm_mod
+    from kiln.runtime.build import build
+    from kiln.runtime.engine_dir import BuildConfig
+    from tests.helpers import make_hf_checkpoint
+
+    monkeypatch.setattr(llm_mod, "default_small_step_options", lambda q: {"xla_cpu_enable_fast_math": False})
+    ckpt = tmp_path / "ckpt"
+    make_hf_checkpoint("llama", ckpt)
+    bc = BuildConfig(dtype="float32", num_kv_blocks=32, max_num_seqs=2, max_num_tokens=32, max_model_len=64,
+                     attention="reference", autotune_budget_s=None)
+    out = build(str(ckpt), tmp_path / "eng", bc, log=lambda m: None)
+    m = json.loads((out / "engine.json").read_text())
+    assert m["build"]["small_step_compiler_options"] == {"xla_cpu_enable_fast_math": False}
+    eng = LLM(str(out))
+    assert eng.runner.small_step_options == {"xla_cpu_enable_fast_math": False}
