@@ -155,6 +155,7 @@ def main():
             default = choose_config(seqs, seqs, KVH, H // KVH, D, PAGE, bt.shape[1] * PAGE, itemsize=2,
                                     kv_itemsize=2 if dtype == "bf16" else 1)
             case = {"dtype": dtype, "seqs": seqs, "ctx_max": ctx, "kv_MB": kv_bytes / 1e6, "default": str(default)}
+            print(f"== {dtype} seqs {seqs} ctx<={ctx}", flush=True)  # the lines below belong to this case
 
             def whole(cfg):
                 return jax.jit(lambda q, k, v: ragged_paged_attention(q, k, v, seq_ids, bt, lens, qsl, scale=D ** -0.5,
