@@ -314,6 +314,7 @@ def run(llm, a: BenchArgs, *, log=print) -> dict:
                 log(f"kiln bench: compiled {n} more token buckets")
     log(f"kiln bench: {a.mode}, {len(reqs)} requests")
     report = {"mode": a.mode, "config": asdict(a)}
+    before = llm.engine.time_split()
     if a.mode == "throughput":
         report["results"] = run_throughput(llm, reqs)
     elif a.mode == "latency":
@@ -322,6 +323,9 @@ def run(llm, a: BenchArgs, *, log=print) -> dict:
         rates = [float(x) for x in str(a.request_rate).split(",")]
         report["curve"] = [run_serving(llm, reqs, r, a.seed) for r in rates]
         report["results"] = report["curve"][-1]
+    after = llm.engine.time_split()  # the timed run only: host work vs waiting on the device
+    t = report["engine_time"] = {k: after[k] - before[k] for k in ("steps", "step_s", "device_wait_s", "host_s")}
+    t["host_ms_per_step"] = t["host_s"] / max(t["steps"], 1) * 1e3
     res = report["results"]
     bw = measure_bandwidth()
     batch = max(1, res.get("max_running", 1) if a.mode != "latency" else 1)

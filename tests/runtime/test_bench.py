@@ -21,6 +21,9 @@ def test_bench_modes_report(ckpt, tmp_path, mode, extra, capsys):
     assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["duration_s"])
     assert r["ttft_ms_p50"] <= r["ttft_ms_p99"] and r["itl_ms_p50"] > 0
     assert rep["roofline"]["roofline_output_tokens_per_s"] > 0 and rep["kv_blocks"] == 64
+    et = rep["engine_time"]  # the timed run's steps only (the warm-up's are not counted)
+    assert 0 < et["steps"] and et["host_s"] + et["device_wait_s"] == pytest.approx(et["step_s"])
+    assert et["step_s"] <= sum(c["duration_s"] for c in rep.get("curve", [r])) * 1.05
     if mode == "serving":
         assert [c["request_rate"] for c in rep["curve"]] == [50.0, float("inf")]
     assert "output_tokens_per_s" in capsys.readouterr().out
