@@ -123,8 +123,8 @@ class Runner:
 
         def jit(opts):
             kw = {"compiler_options": opts} if opts else {}
-            return jax.jit(self._fused_packed, donate_argnums=(1,), static_argnames=("layout", "all_greedy", "num_logprobs"),
-                           **kw)
+            return jax.jit(self._fused_packed, donate_argnums=(1,),
+                           static_argnames=("layout", "all_greedy", "num_logprobs"), **kw)
 
         self._fn = jit(self.compiler_options)
         self._fn_small = None if self.small_step_options is None else jit(self.small_step_options)
@@ -137,7 +137,8 @@ class Runner:
             try:
                 jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
             except Exception as e:  # an unknown option name or value, or a jax without the argument
-                self.log(f"compiler options {options} not applied ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})")
+                why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+                self.log(f"compiler options {options} not applied ({why})")
                 options = {}
         return options
 

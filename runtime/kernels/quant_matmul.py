@@ -314,9 +314,10 @@ def _kernel_int4(xe_ref, xo_ref, w_ref, s_ref, m_ref, *refs, block_k: int, steps
     sum(x) m; `or_codes`: the codes as C + q in 16 bits, so x @ (C + q) = x @ q + C sum(x)); or,
     `gemv`, multiply-and-sum each row on the CUDA cores (`defer_sum`: into a [g/2, bn] fp32 partial
     per row and per nibble, summed over K once after the loop; with `or_codes` too, the 16-bit
-    C + q codes widened and dequantized by one FMA against the bias m - C s). With `post_scale` or `or_codes` the
-    first of `refs` holds sum(x) per row and group, [bm, K/g] fp32 (summed outside the kernel);
-    the last is the output. `asm`: the nibbles of `or_codes` by inline PTX (the GPU)."""
+    C + q codes widened and dequantized by one FMA against the bias m - C s). In the tensor-core
+    form with `post_scale` or `or_codes` the first of `refs` holds sum(x) per row and group,
+    [bm, K/g] fp32 (summed outside the kernel); the last is the output. `asm`: the nibbles of
+    `or_codes` by inline PTX (the GPU)."""
     from jax.experimental import pallas as pl
 
     xs_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
