@@ -136,6 +136,28 @@ def test_quantized_model_greedy_kernel_equals_xla(ckpt, monkeypatch, mode):
     assert calls and calls == [True] * len(calls) and len(calls) % (4 * 2) == 0
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_or_codes_offset_cancels_exactly(group):
+    """`or_codes` dots 128 + q and subtracts 128 * sum(x) per group: with activations of large mean
+    (sum(x) far above the result) the kernel still sits at bf16 output rounding of the fp64
+    reference, closer than the old dequantizing form and than XLA's path (whose weights are
+    rounded to bf16 first)."""
+    rng = np.random.default_rng(group)
+    k, n, m = 512, 64, 5
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    parts = [jnp.asarray(a) for a in qz.quantize_weight("int4_wo", w, group)]
+    x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32) * 3 + 1.0, jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ qz.dequantize("int4_wo", *[np.asarray(a) for a in parts], group=group)
+
+    def err(or_codes):
+        cfg = qm.choose_config(m, k, n, "int4_wo", group, or_codes=or_codes)
+        assert cfg.or_codes == or_codes
+        return _rel(qm.quant_matmul_pallas(x, *parts, mode="int4_wo", group_size=group, config=cfg, interpret=True), ref)
+
+    xla = _rel(qm.quant_matmul_reference(x, *parts, mode="int4_wo", group_size=group), ref)
+    assert err(True) < 2.5e-3 and err(True) <= err(False) and err(True) < xla
+
+
 @pytest.mark.parametrize("mode,variant", [("int4_wo", {"gemv": True, "defer_sum": True}),
                                           ("int4_wo", {"gemv": True, "defer_sum": True, "magic": True}),
                                           ("int4_wo", {"or_codes": True}), ("fp8", {"gemv": True, "defer_sum": True}),
