@@ -72,10 +72,9 @@ def main():
 
     # cuBLAS GEMMs, as bench_e2e.py --compiler-option; not at batch 1, where fp8 weights run W8A16 through
     # XLA's Triton convert-in-dot (without it they are dequantized whole: 64.6 tok/s, BENCHMARKS.md session 5)
-    opts = {} if a.latency else {"xla_gpu_enable_triton_gemm": False}
-    for o in a.compiler_option:  # NAME=VALUE, as bench_e2e.py (true/false/ints parsed)
-        name, val = o.split("=", 1)
-        opts[name] = {"true": True, "false": False}.get(val.lower(), int(val) if val.lstrip("-").isdigit() else val)
+    from kiln.cli import _compiler_options
+
+    opts = {**({} if a.latency else {"xla_gpu_enable_triton_gemm": False}), **_compiler_options(a.compiler_option)}
     llm = LLM(f"random:{a.preset}", dtype="bfloat16", quantization=a.quant, max_model_len=2304, max_num_seqs=a.max_num_seqs,
               max_num_tokens=a.max_num_tokens, kv_cache_dtype=a.kv_cache_dtype, num_kv_blocks=a.num_kv_blocks,
               compiler_options=opts)

@@ -45,9 +45,12 @@ def synthetic_requests(n: int, isl: int, osl: int, vocab: int, *, isl_spread: fl
         lo, hi = max(1, int(mean * (1 - spread))), max(1, int(mean * (1 + spread)))
         return int(rng.integers(lo, hi + 1))
 
-    hi_tok = min(vocab, 32000)
-    return [BenchRequest(rng.integers(100, hi_tok, length(isl, isl_spread)).tolist(), length(osl, osl_spread))
+    return [BenchRequest(_random_prompt(rng, length(isl, isl_spread), vocab), length(osl, osl_spread))
             for _ in range(n)]
+
+
+def _random_prompt(rng, n: int, vocab: int) -> list[int]:
+    return rng.integers(100, min(vocab, 32000), n).tolist()
 
 
 def jsonl_requests(path: str, osl: int, limit: int | None = None) -> list[BenchRequest]:
@@ -137,8 +140,7 @@ def latency_warmup(llm, reqs: list[BenchRequest], *, seed: int, most: int = 8) -
     if len(longest) > most:
         return None
     rng = np.random.default_rng(seed)
-    hi_tok = min(llm.config.vocab_size, 32000)
-    return [BenchRequest(rng.integers(100, hi_tok, n).tolist(), out) for n, out in
+    return [BenchRequest(_random_prompt(rng, n, llm.config.vocab_size), out) for n, out in
             sorted(longest.items(), key=lambda kv: -(kv[0] + kv[1]))]
 
 
@@ -297,16 +299,16 @@ def run(llm, a: BenchArgs, *, log=print) -> dict:
                           f"pass --max-model-len {max(too_long)}")
     if a.warmup:  # compile the buckets this workload touches before the clock starts
         log("kiln bench: warming up")
-        # other random prompts of the same lengths: the timed prompts must not hit the prefix cache
-        warm = reqs if a.dataset else synthetic_requests(len(reqs), a.isl, a.osl, llm.config.vocab_size,
-                                                         isl_spread=a.isl_spread, osl_spread=a.osl_spread,
-                                                         seed=a.seed + 1)
         alone = latency_warmup(llm, reqs, seed=a.seed + 2) if a.mode == "latency" else None
         if alone is not None:
             # one request at a time meets only these steps: no batch buckets to compile (each of those
             # autotunes XLA's Triton GEMMs for W8A16 weights: minutes for an fp8 engine)
             run_latency(llm, alone)
         else:
+            # other random prompts of the same lengths: the timed prompts must not hit the prefix cache
+            warm = reqs if a.dataset else synthetic_requests(len(reqs), a.isl, a.osl, llm.config.vocab_size,
+                                                             isl_spread=a.isl_spread, osl_spread=a.osl_spread,
+                                                             seed=a.seed + 1)
             run_throughput(llm, warm[: min(len(warm), llm.runner.max_num_seqs)])
             run_latency(llm, warm[:1])
             n = llm.runner.precompile_seen()  # the token buckets the warm-up missed (ramp-up/down of the timed run)
@@ -326,6 +328,7 @@ def run(llm, a: BenchArgs, *, log=print) -> dict:
     after = llm.engine.time_split()  # the timed run only: host work vs waiting on the device
     t = report["engine_time"] = {k: after[k] - before[k] for k in ("steps", "step_s", "device_wait_s", "host_s")}
     t["host_ms_per_step"] = t["host_s"] / max(t["steps"], 1) * 1e3
+    t["device_wait_ms_per_step"] = t["device_wait_s"] / max(t["steps"], 1) * 1e3
     res = report["results"]
     bw = measure_bandwidth()
     batch = max(1, res.get("max_running", 1) if a.mode != "latency" else 1)

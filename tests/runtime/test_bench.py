@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from kiln.cli import main
@@ -74,7 +76,7 @@ def test_latency_warmup_covers_the_timed_run(ckpt):
         assert res["requests"] == len(reqs)
         return seen
 
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     reqs = [bench.BenchRequest(rng.integers(100, 200, n).tolist(), out) for n, out in ((12, 3), (30, 3), (60, 40))]
     llm = engine()
     alone = bench.latency_warmup(llm, reqs, seed=2)
