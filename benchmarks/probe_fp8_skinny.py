@@ -48,6 +48,63 @@ def stack(kind, layers, x, cfg):
     return x
 
 
+def profile(res, configs, ms, copies=8):
+    """Per-kernel device times (jax.profiler trace; run with XLA's command buffers off): each
+    projection alone, `copies` independent matmuls on their own weights per jit, per path and M.
+    Kernel events are grouped by name with trailing numbers removed; median microseconds each."""
+    import collections
+    import gzip
+    import glob
+    import re
+    import statistics
+    import tempfile
+
+    out = res.setdefault("profile", [])
+    runs = [("w8a16_kernel", None), ("w8a16_xla", None), ("w8a8_cublas", None)] + [("mgpu", c) for c in configs]
+    for name, (k, n) in SHAPES.items():
+        ws = [make_w(jax.random.PRNGKey(10 + i), (k, n), "fp8_w8a8") for i in range(copies)]
+        for m in ms:
+            x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+            for path, cfg in runs:
+                def many(ws, x, path=path, cfg=cfg):
+                    if path == "mgpu":
+                        return [skinny(x, w, cfg) for w in ws]
+                    mode, impl = {"w8a16_kernel": ("fp8", "pallas"), "w8a16_xla": ("fp8", "xla"),
+                                  "w8a8_cublas": ("fp8_w8a8", "xla")}[path]
+                    return [matmul(mode, x, w, impl) for w in ws]
+                fn = jax.jit(many)
+                try:
+                    jax.block_until_ready(fn(ws, x))
+                except Exception as e:  # noqa: BLE001
+                    print("profile fail", name, m, path, cfg, repr(e)[:300], flush=True)
+                    continue
+                d = tempfile.mkdtemp()
+                jax.profiler.start_trace(d)
+                for _ in range(3):
+                    y = fn(ws, x)
+                jax.block_until_ready(y)
+                jax.profiler.stop_trace()
+                paths = glob.glob(os.path.join(d, "plugins/profile/*/*.trace.json.gz"))
+                ev = json.load(gzip.open(paths[0]))["traceEvents"]
+                pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+                tname = {(e["pid"], e.get("tid")): e["args"]["name"] for e in ev
+                         if e.get("ph") == "M" and e.get("name") == "thread_name"}
+                groups = collections.defaultdict(list)
+                for e in ev:
+                    if e.get("ph") != "X" or "GPU" not in pname.get(e.get("pid"), ""):
+                        continue
+                    if "tream" not in tname.get((e["pid"], e.get("tid")), ""):
+                        continue
+                    groups[re.sub(r"[._]?\d+$", "", e.get("name", "?"))[:60]].append(e["dur"])
+                kern = {g: (round(statistics.median(v), 2), len(v) // 3) for g, v in groups.items()}
+                total = max(sum(sum(v) for v in groups.values()) / 3 / copies, 1e-3)
+                row = {"shape": name, "M": m, "path": path, "config": str(cfg), "us_per_matmul": round(total, 2),
+                       "TBps": round(nbytes(ws[0]) / total / 1e6, 3), "kernels": kern}
+                out.append(row)
+                print("profile", json.dumps(row), flush=True)
+        del ws
+
+
 def parse_configs(s):
     out = []
     for c in s.split(","):
@@ -61,6 +118,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--configs", default="128/128/6,64/128/8,128/256/4,128/128/8")
+    ap.add_argument("--parts", default="check,stack", help="check, stack, profile")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     res = {"device": str(jax.devices()[0]), "rows": [], "check": []}
@@ -70,8 +128,12 @@ def main():
     print("copy bandwidth", bw / 1e12, flush=True)
     configs = parse_configs(a.configs)
 
+    ms = [int(v) for v in a.ms.split(",")]
+    if "profile" in a.parts:
+        profile(res, configs, ms)
+        json.dump(res, open(path, "w"), indent=1)
     # correctness on the GPU against the fp32 reference, every shape, M = 1, 5, 16, 64
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in ({} if "check" not in a.parts else SHAPES).items():
         w = make_w(jax.random.PRNGKey(3), (k, n), "fp8_w8a8")
         for m in (1, 5, 16, 64):
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -89,7 +151,7 @@ def main():
                 print("check", json.dumps(row), flush=True)
     json.dump(res, open(path, "w"), indent=1)
 
-    for kind in ("bf16", "fp8"):
+    for kind in ("bf16", "fp8") if "stack" in a.parts else ():
         key = jax.random.PRNGKey(0)
         mode = "bf16" if kind == "bf16" else "fp8_w8a8"
         layers = [{nm: make_w(jax.random.fold_in(key, 4 * l + i), s, mode) for i, (nm, s) in enumerate(SHAPES.items())}
@@ -97,7 +159,7 @@ def main():
         wbytes = sum(nbytes(w) for lw in layers for w in lw.values())
         runs = [("bf16", None)] if kind == "bf16" else (
             [("w8a16_xla", None), ("w8a16_kernel", None), ("w8a8_cublas", None)] + [("mgpu", c) for c in configs])
-        for m in [int(v) for v in a.ms.split(",")]:
+        for m in ms:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, E), jnp.float32).astype(jnp.bfloat16)
             for name, cfg in runs:
                 fn = jax.jit(lambda ls, x, name=name, cfg=cfg: stack(name, ls, x, cfg))
