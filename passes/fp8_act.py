@@ -64,6 +64,16 @@ def _rows(x) -> int:
     return math.prod(x.shape[:-1])
 
 
+def runs_w8a8(rows: int, min_tokens, impl: str = "auto") -> bool:
+    """Whether an fp8 matmul of `rows` tokens runs W8A8 (its producer then quantizes): at or above
+    the W8A8 token count (cuBLASLt's FP8 GEMM), or up to a few tokens where the skinny FP8 kernel
+    runs (runtime/kernels/fp8_skinny_mgpu.py: on a GPU, `impl` not "xla"); W8A16 in between."""
+    from kiln.runtime.kernels import fp8_skinny_mgpu
+
+    return rows >= w8a8_tokens(min_tokens) or fp8_skinny_mgpu.resolve(
+        "xla" if impl == "xla" else "auto", rows) != "xla"
+
+
 # --------------------------------------------------------------------------- producer ops
 
 
@@ -72,7 +82,7 @@ def _fp8_type(t: TensorType) -> TensorType:
 
 
 def _rms_norm_fp8_lower(ctx, x, w, *, eps, offset=0.0, min_tokens=None):
-    if _rows(x) < w8a8_tokens(min_tokens):
+    if not runs_w8a8(_rows(x), min_tokens, _act_impl(ctx)):
         return REGISTRY["rms_norm"].lower(ctx, x, w, eps=eps, offset=offset)
     return QAct(*act_quant.act_quant("rms_norm", x, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
@@ -80,13 +90,13 @@ def _rms_norm_fp8_lower(ctx, x, w, *, eps, offset=0.0, min_tokens=None):
 def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
     # the residual sum itself is read through part(add_rms_norm(..), 0); the kernel, where
     # selected, forms x + r again from its inputs (one more read of r, no round trip of the sum)
-    if _rows(x) < w8a8_tokens(min_tokens):
+    if not runs_w8a8(_rows(x), min_tokens, _act_impl(ctx)):
         return REGISTRY["rms_norm"].lower(ctx, x + r, w, eps=eps, offset=offset)
     return QAct(*act_quant.act_quant("add_rms_norm", x, r, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
 
 def _swiglu_fp8_lower(ctx, gu, *, min_tokens=None):
-    if _rows(gu[..., 0, :]) < w8a8_tokens(min_tokens):
+    if not runs_w8a8(_rows(gu[..., 0, :]), min_tokens, _act_impl(ctx)):
         return REGISTRY["swiglu"].lower(ctx, gu)
     note = getattr(ctx, "notes", {}).get(id(gu))
     if note is not None and note[0] is gu:  # gu is a W8A8 product: read its unscaled GEMM output
@@ -121,11 +131,25 @@ def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str
     dtype = jnp.dtype(out_dtype) if out_dtype else x.dtype
     nk = w_layout == "nk"
     w2 = w.reshape(n_out, in_features) if nk else w.reshape(in_features, n_out)
-    if not isinstance(x, QAct) and _rows(x) >= w8a8_tokens(w8a8_min_tokens):
+    if not isinstance(x, QAct) and runs_w8a8(_rows(x), w8a8_min_tokens, impl):
         x = QAct(*act_quant.act_quant("rows", x, impl=act_impl))  # an input no producer quantized
+    skinny = "xla"
     if isinstance(x, QAct):
+        from kiln.runtime.kernels import fp8_skinny_mgpu as fs
+
         lead = x.q.shape[:-1]
         xq, sa = x.q.reshape(-1, in_features), x.scale.reshape(-1, 1)
+        skinny = fs.resolve("xla" if impl == "xla" else "auto", xq.shape[0])
+        if skinny != "xla" and not (nk and fs.choose(xq.shape[0], in_features, n_out) is not None):
+            skinny = "xla"  # a shape the kernel does not tile (or [K, N] weights): cuBLASLt
+    if skinny != "xla":
+        raw: dict = {}
+        y = fs.fp8_skinny_matmul(xq, sa, w2, scale.reshape(n_out), out_dtype=dtype, interpret=skinny == "interpret",
+                                 raw_out=raw)
+        if raw_out is not None and not bias:
+            # rounded to the output dtype as cuBLASLt's raw product is (swiglu_scaled's contract)
+            raw_out["raw"] = (raw["raw"].astype(dtype).reshape(lead + out), sa.reshape(lead + (1,)), scale)
+    elif isinstance(x, QAct):
         # "dequantize then matmul" with unit scales: XLA's GEMM rewriter makes it one
         # __cublas$lt$matmul$f8 call (fp32 accumulation, bf16 out)
         dims = (((1,), (1,)), ((), ())) if nk else (((1,), (0,)), ((), ()))

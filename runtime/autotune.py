@@ -61,6 +61,13 @@ def qlinear_shapes(graph) -> list[MatmulShape]:
     return out
 
 
+def _fp8_w8a8(s: MatmulShape, m: int) -> bool:
+    """fp8 matmuls of m tokens that run W8A8 on the skinny kernel (no weight-only path to tune)."""
+    from kiln.runtime.kernels import fp8_skinny_mgpu
+
+    return s.mode == "fp8" and fp8_skinny_mgpu.resolve("auto", m) != "xla"
+
+
 def _key(s: MatmulShape, m: int, dtype: str) -> tuple:
     return (s.mode, s.k, s.n, s.group, s.layout, m, dtype)
 
@@ -148,7 +155,7 @@ def autotune(graph, dtype: str, token_counts, *, budget_s: float = 20.0, kernel_
     ms = sorted({int(m) for m in token_counts if 0 < int(m) <= MAX_M})
     table = {}
     for m in ms:                       # the smallest (decode) buckets first: they matter most
-        for s in (s for s in qlinear_shapes(graph) if m <= s.max_m):
+        for s in (s for s in qlinear_shapes(graph) if m <= s.max_m and not _fp8_w8a8(s, m)):
             cands = [("xla", None)] + [(kernel_impl, c) for c in (candidates(s, m, dtype) if kernel_impl else [])]
             if len(cands) == 1:  # nothing to choose: no timing
                 table[_key(s, m, dtype)] = {"impl": "xla", "config": None, "us": {}}

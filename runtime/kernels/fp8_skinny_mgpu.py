@@ -16,6 +16,13 @@ small XLA fusion after the kernel (the same epilogue as the Triton kernels' spli
 
 Interpret mode (`interpret=True`: jax's Mosaic GPU CPU simulator) runs the same pipeline with the
 product taken as a register dot: the simulator has no wgmma with a transposed operand.
+
+Where it runs (`resolve`): fp8 models on a GPU, up to `AUTO_MAX_TOKENS` tokens, not under tensor
+parallelism; the fp8 pipeline's producers (the norms, SwiGLU) then quantize their output for it,
+so such steps are W8A8 like the large ones (passes/fp8_act.py). `KILN_FP8_SKINNY=xla` turns it off
+(those steps then run W8A16 as before), `=interpret` runs the simulator (CPU tests). On the H100
+(BENCHMARKS.md, session 8), per kernel at M = 16 against the Triton W8A16 kernel it replaces:
+qkv 10.8 vs 14.4 us, o 8.1 vs 11.5, gate_up 43.4 vs 48.2, down 22.6 vs 27.6 (2.7 TB/s on gate_up).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kiln.runtime.kernels import requested_impl
+
 try:  # jax builds without Mosaic GPU still import this module
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - depends on the jax build
@@ -35,14 +44,18 @@ except ImportError:  # pragma: no cover - depends on the jax build
 
 NUM_CORES = 132  # H100 SXM
 MAX_TOKENS = 64  # wgmma's N side holds up to 256; above 64 tokens cuBLASLt's FP8 GEMM is the better tool
+AUTO_MAX_TOKENS = 16  # where "auto" runs it: measured against the W8A16 kernel at M = 1 and 16
+IMPLS = ("auto", "mgpu", "interpret", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class SkinnyConfig:
-    block_n: int = 128   # output channels per block (wgmma M: a multiple of 64)
-    block_k: int = 128   # K bytes per pipeline step (a multiple of the 128-byte swizzle)
+    # the H100 profile's best on all four Llama-3-8B projections at M = 1 and 16 (BENCHMARKS.md,
+    # session 8): 64 channels x the whole K per block, 6 x 16 KB copies in flight, no split
+    block_n: int = 64    # output channels per block (wgmma M: a multiple of 64)
+    block_k: int = 256   # K bytes per pipeline step (a multiple of the 128-byte swizzle)
     stages: int = 6      # TMA copies in flight per block
-    splits: int | None = None  # K splits (None: enough blocks to fill the GPU twice over)
+    splits: int | None = 1  # K splits (None: enough blocks to fill the GPU twice over)
 
 
 def available() -> bool:
@@ -64,6 +77,17 @@ def choose(m: int, k: int, n: int, config: SkinnyConfig | None = None,
     if steps % splits:
         return None
     return dataclasses.replace(c, splits=splits)
+
+
+def resolve(impl: str, m: int) -> str:
+    """The implementation of a W8A8 matmul of `m` tokens: "mgpu" (the kernel), "interpret" or
+    "xla" (cuBLASLt's FP8 GEMM, and, below the W8A8 token count, W8A16). "auto" (or
+    `KILN_FP8_SKINNY`) is the kernel on a GPU up to `AUTO_MAX_TOKENS` tokens; the caller passes
+    "xla" under tensor parallelism. Whether a given shape tiles is checked where it runs."""
+    impl = requested_impl(impl, IMPLS, "KILN_FP8_SKINNY", "fp8 skinny matmul")
+    if impl == "auto":
+        impl = "mgpu" if jax.default_backend() == "gpu" and available() and m <= AUTO_MAX_TOKENS else "xla"
+    return impl if m <= MAX_TOKENS else "xla"
 
 
 def padded_tokens(m: int) -> int:
@@ -132,10 +156,10 @@ def partials(xq, w, config: SkinnyConfig, *, interpret: bool = False):
 
 
 def fp8_skinny_matmul(xq, x_scale, w, w_scale, *, out_dtype, config: SkinnyConfig | None = None,
-                      interpret: bool = False):
+                      interpret: bool = False, raw_out: dict | None = None):
     """xq [M, K] fp8 e4m3 with per-token scales x_scale [M] (or [M, 1]), w [N, K] fp8 e4m3 with
     per-channel scales w_scale [N] -> [M, N] in out_dtype: (xq * x_scale) @ (w * w_scale)^T, fp32
-    accumulation. M up to `MAX_TOKENS`."""
+    accumulation. M up to `MAX_TOKENS`. `raw_out` (a dict) receives "raw": the unscaled fp32 product."""
     m, k = xq.shape
     n = w.shape[0]
     cfg = choose(m, k, n, config)
@@ -143,8 +167,11 @@ def fp8_skinny_matmul(xq, x_scale, w, w_scale, *, out_dtype, config: SkinnyConfi
         raise ValueError(f"fp8_skinny_matmul: shape M={m} K={k} N={n} does not tile with {config or SkinnyConfig()}")
     mp = padded_tokens(m)
     part = partials(jnp.pad(xq, ((0, mp - m), (0, 0))), w, cfg, interpret=interpret)
-    acc = part.sum(axis=0)[:, :m] * w_scale.reshape(n, 1).astype(jnp.float32)
-    return (acc.T * x_scale.reshape(m, 1).astype(jnp.float32)).astype(out_dtype)
+    acc = (part[0] if cfg.splits == 1 else part.sum(axis=0))[:, :m].T               # [M, N], unscaled
+    if raw_out is not None:
+        raw_out["raw"] = acc
+    return (acc * x_scale.reshape(m, 1).astype(jnp.float32)
+            * w_scale.reshape(1, n).astype(jnp.float32)).astype(out_dtype)
 
 
 def reference(xq, x_scale, w, w_scale, *, out_dtype):
@@ -154,4 +181,4 @@ def reference(xq, x_scale, w, w_scale, *, out_dtype):
     return (acc * x_scale.reshape(m, 1).astype(jnp.float32) * w_scale.reshape(1, n).astype(jnp.float32)).astype(out_dtype)
 
 
-__all__ = ["SkinnyConfig", "available", "choose", "fp8_skinny_matmul", "partials", "reference", "padded_tokens"]
+__all__ = ["SkinnyConfig", "available", "choose", "resolve", "IMPLS", "AUTO_MAX_TOKENS", "fp8_skinny_matmul", "partials", "reference", "padded_tokens"]

@@ -87,3 +87,27 @@ def test_fp8_linear_w8a8_against_numpy():
                      in_features=64, bias=False, w_layout="nk", out_dtype="float32", w8a8_min_tokens=1)
     assert got.shape == (20, 3, 8)
     assert rel_err(np.asarray(got).reshape(20, 24), ref) < 1e-5
+
+
+def test_small_steps_on_the_skinny_kernel(tmp_path, monkeypatch):
+    """With the skinny FP8 kernel selected (Mosaic GPU interpret mode here; "auto" picks it on a
+    GPU up to 16 tokens) every fp8 matmul of up to 64 tokens runs W8A8 through it, its producers
+    quantizing for it: fp32 logits equal the graph run W8A8 through XLA's GEMM throughout."""
+    from kiln.runtime.kernels import fp8_skinny_mgpu as fs
+
+    # every projection tiles: K in {256, 512}, N in {512, 256, 1024} (head_dim 64, 2 KV heads)
+    make_hf_checkpoint("llama", tmp_path, hidden_size=256, intermediate_size=512)
+    graph, params = load_tiny(tmp_path)
+    monkeypatch.setattr(qops, "FP8_W8A8_MIN_TOKENS", 1)
+    monkeypatch.setenv("KILN_FP8_SKINNY", "xla")
+    ref = run_workload(*compile_model(graph, params, quantization="fp8"))
+    calls = []
+    partials = fs.partials
+    monkeypatch.setattr(fs, "partials", lambda *a, **k: calls.append(a[0].shape) or partials(*a, **k))
+    monkeypatch.setattr(qops, "FP8_W8A8_MIN_TOKENS", 10 ** 6)   # no step W8A8 but through the kernel
+    monkeypatch.setenv("KILN_FP8_SKINNY", "interpret")
+    got = run_workload(*compile_model(graph, params, quantization="fp8"))
+    layers = graph.meta["num_layers"]
+    assert sorted(set(calls)) == [(8, 256), (8, 512), (32, 256), (32, 512)]   # decode (8) and prefill (32)
+    assert len(calls) == 2 * 4 * layers                                       # traced once per bucket
+    assert rel_err(got, ref) < 1e-4
