@@ -17,12 +17,17 @@ small XLA fusion after the kernel (the same epilogue as the Triton kernels' spli
 Interpret mode (`interpret=True`: jax's Mosaic GPU CPU simulator) runs the same pipeline with the
 product taken as a register dot: the simulator has no wgmma with a transposed operand.
 
-Where it runs (`resolve`): fp8 models on a GPU, up to `AUTO_MAX_TOKENS` tokens, not under tensor
-parallelism; the fp8 pipeline's producers (the norms, SwiGLU) then quantize their output for it,
-so such steps are W8A8 like the large ones (passes/fp8_act.py). `KILN_FP8_SKINNY=xla` turns it off
-(those steps then run W8A16 as before), `=interpret` runs the simulator (CPU tests). On the H100
-(BENCHMARKS.md, session 8), per kernel at M = 16 against the Triton W8A16 kernel it replaces:
-qkv 10.8 vs 14.4 us, o 8.1 vs 11.5, gate_up 43.4 vs 48.2, down 22.6 vs 27.6 (2.7 TB/s on gate_up).
+Where it runs (`resolve`): only where asked for (`KILN_FP8_SKINNY=mgpu`; `=interpret` runs the
+simulator, for CPU tests), up to `MAX_TOKENS` tokens, not under tensor parallelism; the fp8
+pipeline's producers (the norms, SwiGLU) then quantize their output for it, so such steps are W8A8
+like the large ones (passes/fp8_act.py). "auto" leaves it off. On the H100 (BENCHMARKS.md, session
+8) the kernel beats the Triton W8A16 kernel it would replace, per kernel at M = 16: qkv 10.8 vs
+14.4 us, o 8.1 vs 11.5, gate_up 43.4 vs 48.2 (2.7 TB/s), down 22.6 vs 27.6: 0.54 ms less of a
+batch-1 step's 3.1 ms of projections. But in the engine the step's host time rose from 2.7 to 4.3 ms
+(~12 us per Mosaic GPU custom call, 128 a step: launched one by one from the host, where XLA's
+Triton kernels run inside its command buffers; adding CUSTOM_CALL to XLA's command-buffer types
+changed nothing), and the fp8 latency run fell from 223 to 174 tok/s. It becomes the default for
+small steps once those calls launch as cheaply as the Triton kernels.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ except ImportError:  # pragma: no cover - depends on the jax build
 
 NUM_CORES = 132  # H100 SXM
 MAX_TOKENS = 64  # wgmma's N side holds up to 256; above 64 tokens cuBLASLt's FP8 GEMM is the better tool
-AUTO_MAX_TOKENS = 16  # where "auto" runs it: measured against the W8A16 kernel at M = 1 and 16
-IMPLS = ("auto", "mgpu", "interpret", "xla")
+AUTO_MAX_TOKENS = 0  # "auto" never runs it (host launches outside the command buffers, above); 16 once they are
+IMPLS = ("auto", "mgpu", "interpret", "xla")  # "xla": cuBLASLt's FP8 GEMM (and W8A16 below the W8A8 count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +86,9 @@ def choose(m: int, k: int, n: int, config: SkinnyConfig | None = None,
 
 def resolve(impl: str, m: int) -> str:
     """The implementation of a W8A8 matmul of `m` tokens: "mgpu" (the kernel), "interpret" or
-    "xla" (cuBLASLt's FP8 GEMM, and, below the W8A8 token count, W8A16). "auto" (or
-    `KILN_FP8_SKINNY`) is the kernel on a GPU up to `AUTO_MAX_TOKENS` tokens; the caller passes
-    "xla" under tensor parallelism. Whether a given shape tiles is checked where it runs."""
+    "xla" (cuBLASLt's FP8 GEMM, and, below the W8A8 token count, W8A16). "auto" defers to
+    `KILN_FP8_SKINNY`, then is the kernel on a GPU up to `AUTO_MAX_TOKENS` tokens (none for now);
+    the caller passes "xla" under tensor parallelism. Whether a shape tiles is checked where it runs."""
     impl = requested_impl(impl, IMPLS, "KILN_FP8_SKINNY", "fp8 skinny matmul")
     if impl == "auto":
         impl = "mgpu" if jax.default_backend() == "gpu" and available() and m <= AUTO_MAX_TOKENS else "xla"

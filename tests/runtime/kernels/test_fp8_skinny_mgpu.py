@@ -55,9 +55,12 @@ def test_choose():
 
 def test_resolve(monkeypatch):
     monkeypatch.delenv("KILN_FP8_SKINNY", raising=False)
-    assert fs.resolve("auto", 1) == ("mgpu" if jax.default_backend() == "gpu" and fs.available() else "xla")
+    on_gpu = jax.default_backend() == "gpu" and fs.available()
+    assert fs.resolve("auto", 1) == ("mgpu" if on_gpu and fs.AUTO_MAX_TOKENS >= 1 else "xla")
     assert fs.resolve("auto", fs.AUTO_MAX_TOKENS + 1) == "xla"
     assert fs.resolve("xla", 1) == "xla"
+    monkeypatch.setenv("KILN_FP8_SKINNY", "mgpu")
+    assert fs.resolve("auto", 16) == "mgpu" and fs.resolve("auto", fs.MAX_TOKENS + 1) == "xla"
     monkeypatch.setenv("KILN_FP8_SKINNY", "interpret")
     assert fs.resolve("auto", 16) == "interpret" and fs.resolve("auto", fs.MAX_TOKENS + 1) == "xla"
     assert fs.resolve("xla", 16) == "xla"                         # tensor parallel callers pass "xla"
