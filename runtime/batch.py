@@ -33,6 +33,12 @@ def bucket(n: int, minimum: int = 8) -> int:
     return b
 
 
+def token_bucket(n: int, minimum: int = 16) -> int:
+    """A step's padded token count: 1 for a single token (batch-1 decode: its matmuls run as
+    M = 1), else the smallest power of two >= n (at least `minimum`)."""
+    return 1 if n == 1 else bucket(n, minimum)
+
+
 def layout(starts: np.ndarray, lens: np.ndarray, tables: np.ndarray, block_size: int, T: int, S: int,
            seq_lens: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The position-derived STEP_INPUTS of R sequences in one numpy pass (no per-sequence
@@ -125,7 +131,9 @@ class StepBuilder:
     a step then gathers its rows and derives every position-based input in one numpy pass.
     Steady decode costs a few list appends per sequence, nothing per token of context.
 
-    Padding: tokens to a power of two (>= min_tokens), sequences to min(tokens,
+    Padding: tokens to a power of two (>= min_tokens; a step of exactly one token, batch-1
+    decode, keeps its own 1-token bucket: its matmuls then run as M = 1, the quantized ones on
+    the multiply-and-sum kernels instead of 16-row tensor-core tiles), sequences to min(tokens,
     max_num_seqs), blocks per sequence to a power of two (>= 16) capped at max_blocks, so few
     shapes compile. A token whose value is still on the device (the previous step's sample)
     is read there: `from_prev` names its row."""
@@ -191,7 +199,7 @@ class StepBuilder:
             key_l.append(known + len(req.pending) - len(req.prompt_token_ids) - 1 if c.samples else 0)
             t += n
         R, n_tok = len(chunks), t
-        T = bucket(n_tok, self.min_tokens)
+        T = token_bucket(n_tok, self.min_tokens)
         S = min(T, self.max_num_seqs)
         rows = np.array(slot_l, np.intp)
         B = min(self.max_blocks, bucket(int(self.num_table_blocks[rows].max()), 16))

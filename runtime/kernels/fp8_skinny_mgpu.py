@@ -22,11 +22,11 @@ simulator, for CPU tests), up to `MAX_TOKENS` tokens, not under tensor paralleli
 pipeline's producers (the norms, SwiGLU) then quantize their output for it, so such steps are W8A8
 like the large ones (passes/fp8_act.py). "auto" leaves it off. On the H100 (BENCHMARKS.md, session
 8) the kernel beats the Triton W8A16 kernel it would replace, per kernel at M = 16: qkv 10.8 vs
-14.4 us, o 8.1 vs 11.5, gate_up 43.4 vs 48.2 (2.7 TB/s), down 22.6 vs 27.6: 0.54 ms less of a
-batch-1 step's 3.1 ms of projections. But in the engine the step's host time rose from 2.7 to 4.3 ms
-(~12 us per Mosaic GPU custom call, 128 a step: launched one by one from the host, where XLA's
-Triton kernels run inside its command buffers; adding CUSTOM_CALL to XLA's command-buffer types
-changed nothing), and the fp8 latency run fell from 223 to 174 tok/s. It becomes the default for
+14.4 us, o 8.1 vs 11.5, gate_up 43.4 vs 48.2 (2.7 TB/s), down 22.6 vs 27.8 (at M = 1 against the
+gemv kernel: 82.7 vs 87.6 us a layer). But in the engine the step's host time rose from 2.7 to 4.3 ms
+(~12 us per Mosaic GPU custom call, 128 a step: seemingly launched one by one from the host,
+where XLA's Triton kernels run inside its command buffers; adding CUSTOM_CALL to XLA's
+command-buffer types changed nothing), and the fp8 latency run fell from 223 to 174 tok/s. It becomes the default for
 small steps once those calls launch as cheaply as the Triton kernels.
 """
 

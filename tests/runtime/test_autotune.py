@@ -67,9 +67,9 @@ def test_table_round_trips_through_the_engine_dir(engines):
     saved = json.loads((engine / "autotune.json").read_text())
     table = autotune.load(engine, manifest)
     assert len(table) == len(saved["entries"]) > 0
-    # 4 projection shapes (qkv, o, gate_up, down) x the buckets 16 and 32, each as timed
+    # 4 projection shapes (qkv, o, gate_up, down) x the buckets 1 (batch-1 decode), 16 and 32, each as timed
     shapes = {k[:5] for k in table}
-    assert len(shapes) == 4 and {k[5] for k in table} == {16, 32} and {k[6] for k in table} == {"float32"}
+    assert len(shapes) == 4 and {k[5] for k in table} == {1, 16, 32} and {k[6] for k in table} == {"float32"}
     for key, (impl, cfg) in table.items():
         if key[5] == 16:
             assert impl == "interpret" and cfg.block_n == 64, (key, impl, cfg)

@@ -3,7 +3,7 @@ step after step, while slots are reused, tables grow, sequences are preempted an
 
 import numpy as np
 
-from kiln.runtime.batch import SeqChunk, bucket, prepare_inputs
+from kiln.runtime.batch import SeqChunk, bucket, prepare_inputs, token_bucket
 from kiln.runtime.sampling_params import SamplingParams, request_key
 from tests.runtime.test_engine import BS, VOCAB, make_engine, workload
 
@@ -15,7 +15,7 @@ def reference_batch(plan, max_num_seqs, max_blocks):
         toks = list(c.req.all_token_ids[c.start:c.start + c.num_tokens])
         toks += [0] * (c.num_tokens - len(toks))  # a token still on the device
         chunks.append(SeqChunk(toks, c.start, list(c.req.blocks.block_ids), seq_len=c.seq_len))
-    T = bucket(plan.num_tokens, 16)
+    T = token_bucket(plan.num_tokens)
     S = min(T, max_num_seqs)
     B = min(max_blocks, bucket(max(len(c.block_table) for c in chunks), 16))
     inputs, _ = prepare_inputs(chunks, BS, pad_tokens=T, pad_seqs=S, pad_blocks=B, pad_logits=S)

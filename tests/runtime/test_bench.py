@@ -49,11 +49,11 @@ def test_warmup_leaves_no_token_bucket_to_compile(ckpt):
     seen = set(llm.runner._executables)
     n = llm.runner.precompile_seen()
     assert n == len(set(llm.runner._executables) - seen) > 0
-    assert sorted({k[0] for k in llm.runner._executables}) == [16, 32, 64]
+    assert sorted({k[0] for k in llm.runner._executables}) == [1, 16, 32, 64]   # 1: batch-1 decode
     compiles = []
     orig = llm.runner._lower_compile
     llm.runner._lower_compile = lambda b: compiles.append(b.shape_key) or orig(b)
-    prompts = [[3 + i] * (9 + 4 * i) for i in range(4)]  # 54 prompt tokens in one step, then 4..1 decoding
+    prompts = [[3 + i] * (9 + 4 * i) for i in range(4)]  # 54 prompt tokens in one step, then 4..1 decoding (1: its own bucket)
     out = llm.generate(prompts, [SamplingParams(max_tokens=2 + i, temperature=0) for i in range(4)], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in out] == [2, 3, 4, 5] and compiles == []
 

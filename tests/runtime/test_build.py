@@ -133,15 +133,15 @@ def test_killed_build_leaves_nothing_that_loads(tmp_path, monkeypatch, built):
 
 
 def test_build_buckets_and_compiler_options(built):
-    """A build compiles the decode buckets (up to max_num_seqs tokens) and the largest; an
-    option this XLA does not know is dropped, not fatal."""
+    """A build compiles the decode buckets (the 1-token one of batch-1 decode, then up to
+    max_num_seqs tokens) and the largest; an option this XLA does not know is dropped, not fatal."""
     eng = LLM(str(built[1]))
     r = eng.runner
     assert r.compiler_options == {"xla_gpu_enable_triton_gemm": False}
     seqs, tokens = r.max_num_seqs, r.max_num_tokens
     r.max_num_seqs, r.max_num_tokens = 20, 256
-    assert [len(b.inputs["token_ids"]) for b in r.build_batches()] == [16, 32, 256]
-    assert [len(b.inputs["token_ids"]) for b in r._warmup_batches()] == [16, 32, 64, 128, 256]
+    assert [len(b.inputs["token_ids"]) for b in r.build_batches()] == [1, 16, 32, 256]
+    assert [len(b.inputs["token_ids"]) for b in r._warmup_batches()] == [1, 16, 32, 64, 128, 256]
     r.max_num_seqs, r.max_num_tokens = seqs, tokens
     r.set_compiler_options({"xla_no_such_option_here": 1})
     assert r.compiler_options == {}
