@@ -156,12 +156,30 @@ def _norm_shape(attrs, x, w, b=None):
 
 
 def _rms_norm_lower(ctx, x, w, *, eps: float, offset: float = 0.0):
-    # computed in fp32, weight applied after casting back (transformers' LlamaRMSNorm)
+    # computed in fp32, weight applied after casting back (transformers' LlamaRMSNorm); a few
+    # rows on a GPU (decode) as one Pallas kernel (runtime/kernels/rms_norm.py), the same math
+    from kiln.runtime.kernels import rms_norm as rn
+
+    if rn.resolve(norm_impl(ctx), _rows(x), x.shape[-1]) != "xla":
+        return rn.rms_norm(x, w, eps=eps, offset=offset, impl=norm_impl(ctx))
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if offset:  # Gemma: (1 + w), applied in fp32
         return (xf * (offset + w.astype(jnp.float32))).astype(x.dtype)
     return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _rows(x) -> int:
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n
+
+
+def norm_impl(ctx) -> str:
+    """The RMSNorm kernel's impl for this lowering: XLA under tensor parallelism (a row's sum of
+    squares over a sharded axis needs the partitioner's all-reduce), else "auto"."""
+    return "xla" if getattr(ctx, "shard", None) is not None else "auto"
 
 
 def _layer_norm_lower(ctx, x, w, b=None, *, eps: float):

@@ -91,7 +91,9 @@ def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
     # the residual sum itself is read through part(add_rms_norm(..), 0); the kernel, where
     # selected, forms x + r again from its inputs (one more read of r, no round trip of the sum)
     if not runs_w8a8(_rows(x), min_tokens, _act_impl(ctx)):
-        return REGISTRY["rms_norm"].lower(ctx, x + r, w, eps=eps, offset=offset)
+        from kiln.passes.ops import add_rms_norm_values
+
+        return add_rms_norm_values(ctx, x, r, w, eps=eps, offset=offset)[1]
     return QAct(*act_quant.act_quant("add_rms_norm", x, r, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
 

@@ -138,6 +138,8 @@ def test_build_buckets_and_compiler_options(built):
     eng = LLM(str(built[1]))
     r = eng.runner
     assert r.compiler_options == {"xla_gpu_enable_triton_gemm": False}
+    for fut in list(r._pending.values()):  # the engine's background preload reads these limits: let it finish
+        fut.result()
     seqs, tokens = r.max_num_seqs, r.max_num_tokens
     r.max_num_seqs, r.max_num_tokens = 20, 256
     assert [len(b.inputs["token_ids"]) for b in r.build_batches()] == [1, 16, 32, 256]
