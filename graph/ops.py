@@ -156,24 +156,11 @@ def _norm_shape(attrs, x, w, b=None):
 
 
 def _rms_norm_lower(ctx, x, w, *, eps: float, offset: float = 0.0):
-    # computed in fp32, weight applied after casting back (transformers' LlamaRMSNorm); a few
-    # rows on a GPU (decode) as one Pallas kernel (runtime/kernels/rms_norm.py), the same math
+    # computed in fp32, weight applied after casting back (transformers' LlamaRMSNorm): XLA's
+    # fusions, or for a few rows on a GPU (decode) one Pallas kernel (runtime/kernels/rms_norm.py)
     from kiln.runtime.kernels import rms_norm as rn
 
-    if rn.resolve(norm_impl(ctx), _rows(x), x.shape[-1]) != "xla":
-        return rn.rms_norm(x, w, eps=eps, offset=offset, impl=norm_impl(ctx))
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    if offset:  # Gemma: (1 + w), applied in fp32
-        return (xf * (offset + w.astype(jnp.float32))).astype(x.dtype)
-    return w.astype(x.dtype) * xf.astype(x.dtype)
-
-
-def _rows(x) -> int:
-    n = 1
-    for d in x.shape[:-1]:
-        n *= d
-    return n
+    return rn.rms_norm(x, w, eps=eps, offset=offset, impl=norm_impl(ctx))
 
 
 def norm_impl(ctx) -> str:

@@ -64,14 +64,19 @@ def _rows(x) -> int:
     return math.prod(x.shape[:-1])
 
 
+def _skinny(rows: int, impl: str) -> str:
+    """The skinny FP8 kernel's impl for `rows` tokens (runtime/kernels/fp8_skinny_mgpu.py):
+    "xla" (not used) where the caller's `impl` is "xla" (tensor parallelism)."""
+    from kiln.runtime.kernels import fp8_skinny_mgpu
+
+    return fp8_skinny_mgpu.resolve("xla" if impl == "xla" else "auto", rows)
+
+
 def runs_w8a8(rows: int, min_tokens, impl: str = "auto") -> bool:
     """Whether an fp8 matmul of `rows` tokens runs W8A8 (its producer then quantizes): at or above
     the W8A8 token count (cuBLASLt's FP8 GEMM), or up to a few tokens where the skinny FP8 kernel
-    runs (runtime/kernels/fp8_skinny_mgpu.py: on a GPU, `impl` not "xla"); W8A16 in between."""
-    from kiln.runtime.kernels import fp8_skinny_mgpu
-
-    return rows >= w8a8_tokens(min_tokens) or fp8_skinny_mgpu.resolve(
-        "xla" if impl == "xla" else "auto", rows) != "xla"
+    runs (on a GPU, `impl` not "xla"); W8A16 in between."""
+    return rows >= w8a8_tokens(min_tokens) or _skinny(rows, impl) != "xla"
 
 
 # --------------------------------------------------------------------------- producer ops
@@ -141,7 +146,7 @@ def fp8_linear(x, w, scale, *extras, in_features: int, bias: bool, w_layout: str
 
         lead = x.q.shape[:-1]
         xq, sa = x.q.reshape(-1, in_features), x.scale.reshape(-1, 1)
-        skinny = fs.resolve("xla" if impl == "xla" else "auto", xq.shape[0])
+        skinny = _skinny(xq.shape[0], impl)
         if skinny != "xla" and not (nk and fs.choose(xq.shape[0], in_features, n_out) is not None):
             skinny = "xla"  # a shape the kernel does not tile (or [K, N] weights): cuBLASLt
     if skinny != "xla":

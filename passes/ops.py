@@ -81,19 +81,15 @@ def add_rms_norm_values(ctx, x, r, w, *, eps, offset=0.0):
     """(x + r, rms_norm(x + r)): XLA's fusions, or for a few rows on a GPU one Pallas kernel
     (runtime/kernels/rms_norm.py) whose result is shared by every lowering of the same inputs
     (add_rms_norm and, at W8A16, add_rms_norm_fp8 read the same sum)."""
-    from kiln.graph.ops import _rows, norm_impl
+    from kiln.graph.ops import norm_impl
     from kiln.runtime.kernels import rms_norm as rn
 
-    impl = norm_impl(ctx)
-    if rn.resolve(impl, _rows(x), x.shape[-1]) == "xla":
-        s = x + r
-        return s, REGISTRY["rms_norm"].lower(ctx, s, w, eps=eps, offset=offset)
     notes = getattr(ctx, "notes", {})
     key = ("add_rms_norm", id(x), id(r), id(w), eps, offset)
     hit = notes.get(key)
     if hit is not None and hit[0] is x and hit[1] is r and hit[2] is w:
         return hit[3]
-    res = rn.rms_norm(x, w, r, eps=eps, offset=offset, impl=impl)
+    res = rn.rms_norm(x, w, r, eps=eps, offset=offset, impl=norm_impl(ctx))
     notes[key] = (x, r, w, res)
     return res
 

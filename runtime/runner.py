@@ -258,7 +258,7 @@ class Runner:
         """One greedy batch per token bucket (writes nothing to the cache), with `blocks` block-table
         columns (default: up to 16): the 1-token bucket of batch-1 decode, then 16, 32, ...
         up to max_num_tokens."""
-        from kiln.runtime.batch import SeqChunk, prepare_inputs
+        from kiln.runtime.batch import SeqChunk, prepare_inputs, token_bucket
 
         out, T = [], 1
         while True:
@@ -269,7 +269,7 @@ class Runner:
             out.append(StepBatch(-10, inputs, np.full(T, -1, np.int32), _dummy_sampling(S), True, 0, 1))
             if T >= self.max_num_tokens:
                 return out
-            T = 16 if T == 1 else 2 * T
+            T = token_bucket(T + 1)
 
     # -- executables: lowered from shapes only, so they can be fetched before the weights arrive
     # (one device only: a sharded step keeps jit's own dispatch, whose shardings follow the arrays)

@@ -41,13 +41,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kiln.runtime.kernels import requested_impl
+from kiln.runtime.kernels.quant_matmul import NUM_CORES, auto_splits
 
 try:  # jax builds without Mosaic GPU still import this module
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - depends on the jax build
     plgpu = None
 
-NUM_CORES = 132  # H100 SXM
 MAX_TOKENS = 64  # wgmma's N side holds up to 256; above 64 tokens cuBLASLt's FP8 GEMM is the better tool
 AUTO_MAX_TOKENS = 0  # "auto" never runs it (host launches outside the command buffers, above); 16 once they are
 IMPLS = ("auto", "mgpu", "interpret", "xla")  # "xla": cuBLASLt's FP8 GEMM (and W8A16 below the W8A8 count)
@@ -74,11 +74,7 @@ def choose(m: int, k: int, n: int, config: SkinnyConfig | None = None,
     if m > MAX_TOKENS or n % c.block_n or k % c.block_k or c.block_n % 64 or c.block_k % 128:
         return None
     steps = k // c.block_k
-    splits = c.splits
-    if splits is None:
-        splits, tiles = 1, n // c.block_n
-        while tiles * splits < 2 * num_cores and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
-            splits *= 2
+    splits = auto_splits(n // c.block_n, steps, num_cores) if c.splits is None else c.splits
     if steps % splits:
         return None
     return dataclasses.replace(c, splits=splits)

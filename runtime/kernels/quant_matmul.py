@@ -144,6 +144,15 @@ def _bucket(m: int) -> int:
     return 4 if m <= 4 else 16 if m <= 16 else 64 if m <= 64 else 256
 
 
+def auto_splits(tiles: int, steps: int, num_cores: int = NUM_CORES) -> int:
+    """Split-K for a grid of `tiles` output tiles of `steps` K steps each: doubles while the grid
+    would fill the GPU less than twice and every split keeps at least four K steps."""
+    splits = 1
+    while tiles * splits < 2 * num_cores and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
+        splits *= 2
+    return splits
+
+
 def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = None, *, w_layout: str = "kn",
                   num_cores: int = NUM_CORES, **override) -> QMatmulConfig | None:
     """Static tile choice from static shapes (None when the shape does not tile). Split-K
@@ -165,12 +174,9 @@ def choose_config(m: int, k: int, n: int, mode: str, group_size: int | None = No
     if bn is None or bk is None or (kind == "int4" and (k % group_size or bk % group_size or group_size < 32)):
         return None
     steps = k // bk
-    tiles = -(-m // bm) * (n // bn)
     splits = o.get("splits")
     if splits is None:
-        splits = 1
-        while tiles * splits < 2 * num_cores and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
-            splits *= 2
+        splits = auto_splits(-(-m // bm) * (n // bn), steps, num_cores)
     if steps % splits:
         return None
     return QMatmulConfig(bm, bn, bk, splits, o["num_warps"], o["num_stages"], gemv,

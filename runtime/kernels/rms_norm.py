@@ -21,6 +21,8 @@ overrides it.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -32,7 +34,7 @@ AUTO_MAX_ROWS = 16   # the small-step buckets (batch-1 decode and the 16-token b
 
 
 def reference(x, w, r=None, *, eps: float, offset: float = 0.0):
-    """The plain-JAX op (graph/ops.py's order of operations): y, or (s, y) with a residual."""
+    """The plain-JAX op, XLA's path of the graph's rms_norm / add_rms_norm: y, or (s, y) with a residual."""
     s = x if r is None else x + r
     xf = s.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -102,10 +104,8 @@ def resolve(impl: str, rows: int, k: int) -> str:
 
 def rms_norm(x, w, r=None, *, eps: float, offset: float = 0.0, impl: str = "auto"):
     """RMSNorm of x [..., K] (after adding r, then returned as (s, y)) by `impl` (see `resolve`)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    rows = 1
-    for d in lead:
-        rows *= d
+    k = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
     impl = resolve(impl, rows, k)
     if impl == "xla":
         return reference(x, w, r, eps=eps, offset=offset)
