@@ -62,6 +62,9 @@ class LowerCtx:
         # returned (an entry holds that value: a match is checked with `is`). passes/fp8_act.py:
         # a W8A8 matmul's unscaled GEMM output and scales, which a SwiGLU consumes directly.
         self.notes: dict[int, tuple] = {}
+        # (start, size) when the step's token inputs are one window of the flat batch (a pipeline
+        # micro-batch, passes/pipeline_parallel.py) while the per-sequence inputs describe all of it
+        self.token_window = None
 
 
 def jnp_dtype(name: str):
@@ -328,8 +331,23 @@ def _attention_shape(attrs, q, k, v, positions, seq_ids, slot_mapping, block_tab
 def _attention_lower(ctx, q, k, v, *meta, layer, **attrs):
     # q, k, v come first: under tensor parallelism each runs split on its heads axis (1)
     run = _attention_local if ctx.shard is None else ctx.shard.attention(_attention_local)
+    if ctx.token_window is not None:
+        *rest, context_lens, query_start_loc = meta
+        meta = (*rest, *window_metadata(context_lens, query_start_loc, *ctx.token_window))
     out, ctx.kv_cache[layer] = run(ctx.attention_impl, ctx.kv_cache[layer], q, k, v, *meta, **attrs)
     return out
+
+
+def window_metadata(context_lens, query_start_loc, start, size):
+    """(context_lens, query_start_loc) of the tokens [start, start + size) of a flat batch alone.
+    The kernels read a sequence's queries as query_start_loc[s]..[s + 1] and place them at the
+    end of its context_lens[s] keys; in the window a sequence keeps only its tokens inside, and
+    its keys end at the last of them (the keys of its later tokens are not written yet).
+    Sequences with no token in the window get no keys either."""
+    first, last = query_start_loc[:-1], query_start_loc[1:]
+    after = jnp.maximum(last - jnp.maximum(first, start + size), 0)
+    qsl = jnp.clip(query_start_loc - start, 0, size)
+    return jnp.where(qsl[1:] > qsl[:-1], context_lens - after, 0), qsl
 
 
 def _attention_local(impl, entry, q, k, v, positions, seq_ids, slot_mapping, block_tables, context_lens,

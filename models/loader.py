@@ -122,33 +122,37 @@ def load_params(graph: Graph, cfg: ModelConfig, source: WeightSource, *,
     return params
 
 
-def random_params(graph: Graph, seed: int = 0, *, std: float = 0.02) -> dict[str, object]:
+def random_params(graph: Graph, seed: int = 0, *, std: float = 0.02, shardings: dict | None = None) -> dict[str, object]:
     """Random weights from each declaration's initializer (for random-weight engines and tests).
-    One jitted generator per (shape, dtype, std): the normal is drawn in float32 and cast inside
-    it, so no float32 copy of a weight is ever materialised and each shape compiles once."""
+    One jitted generator per (shape, dtype, std, sharding): the normal is drawn in float32 and
+    cast inside it, so no float32 copy of a weight is ever materialised and each shape compiles
+    once. With `shardings` (name -> jax Sharding) each weight is made in its sharded place, so a
+    model larger than one device's memory never exists whole (the values do not depend on it)."""
     import jax
-    import jax.numpy as jnp
 
     key = jax.random.PRNGKey(seed)
     params = {}
     for i, p in enumerate(graph.params.values()):
-        dtype = jnp.dtype(p.type.dtype)
-        if p.init == "zeros":
-            params[p.name] = jnp.zeros(p.type.shape, dtype)
-        elif p.init == "ones":
-            params[p.name] = jnp.ones(p.type.shape, dtype)
-        else:
-            s = float(p.init_args.get("std", std))
-            params[p.name] = _normal(tuple(p.type.shape), dtype.name, s)(jax.random.fold_in(key, i))
+        sharding = (shardings or {}).get(p.name)
+        s = float(p.init_args.get("std", std))
+        make = _initializer(tuple(p.type.shape), p.type.dtype, p.init, s, sharding)
+        params[p.name] = make(jax.random.fold_in(key, i))
     return params
 
 
 @functools.lru_cache(maxsize=None)
-def _normal(shape: tuple, dtype: str, std: float):
+def _initializer(shape: tuple, dtype: str, init: str, std: float, sharding):
     import jax
     import jax.numpy as jnp
 
-    return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype))
+    def make(k):
+        if init == "zeros":
+            return jnp.zeros(shape, dtype)
+        if init == "ones":
+            return jnp.ones(shape, dtype)
+        return (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
+
+    return jax.jit(make, out_shardings=sharding)
 
 
 class Checkpoint:
@@ -160,10 +164,11 @@ class Checkpoint:
         self.config, self.source, self.tokenizer_path = config, source, tokenizer_path
         self.random_seed = random_seed  # a random-weight model (source None): weights made on the device
 
-    def load_params(self, graph: Graph, **kw) -> dict[str, object]:
-        """The graph's parameters: streamed from the checkpoint, or random for a preset."""
+    def load_params(self, graph: Graph, *, shardings: dict | None = None, **kw) -> dict[str, object]:
+        """The graph's parameters: streamed from the checkpoint, or random for a preset (made
+        on the device; with `shardings`, in their sharded places)."""
         if self.source is None:
-            return random_params(graph, self.random_seed or 0)
+            return random_params(graph, self.random_seed or 0, shardings=shardings)
         return load_params(graph, self.config, self.source, **kw)
 
     def load_tokenizer(self):

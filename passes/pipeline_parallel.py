@@ -21,7 +21,9 @@ runs micro-batch t - s, then hands its output to stage s + 1 (`ppermute`):
 
 Ticks outside a stage's range compute on junk with their KV writes dropped (slot -1).
 A sequence split across micro-batches is still exact: micro-batch m + 1 reads the keys
-micro-batch m wrote earlier on the same stage, and attention is causal by position.
+micro-batch m wrote earlier on the same stage, and each micro-batch's attention sees the
+per-sequence metadata (query_start_loc, context_lens) of its own window of tokens
+(`graph.ops.window_metadata`), which is what the kernels read positions from.
 """
 
 from __future__ import annotations
@@ -229,12 +231,13 @@ class StageLayout:
         kv_globals = [g for g in kv_slot if any(g == st[s] for st in self.kv_stacked)]
         carry_in, carry_out = self.carry[s], self.carry[s + 1]
 
-        def fn(slot_params, kv_local, env0, carry):
+        def fn(slot_params, kv_local, env0, carry, window=None):
             env = dict(env0)
             env.update({p: slot_params[slot_of[p]] for p in names})
             env.update(zip(carry_in, carry))
             ctx = LowerCtx([], "reference", shard)
             ctx.attention_impl = self.attention
+            ctx.token_window = window
             ctx.kv_cache = {g: kv_local[kv_slot[g]] for g in kv_globals}
             env = _run(nodes, env, ctx, shard)
             kv_out = list(kv_local)
@@ -288,10 +291,12 @@ class StageLayout:
                 env.update(whole)
                 first = tuple(x[mc] for x in x0)
                 cin = tuple(jnp.where(stage == 0, f, a) for f, a in zip(first, act))
+                size = mb_tok["token_ids"].shape[1]
+                window = (mc * size, size)  # block_tables & co. describe the whole batch
                 if uniform:
-                    cout, kv = fns[0](slot_params, kv, env, cin)
+                    cout, kv = fns[0](slot_params, kv, env, cin, window)
                 else:
-                    cout, kv = jax.lax.switch(stage, fns, slot_params, kv, env, cin)
+                    cout, kv = jax.lax.switch(stage, fns, slot_params, kv, env, cin, window)
                 out = tuple(jax.lax.dynamic_update_index_in_dim(
                     o, jnp.where(valid, c, o[mc]), mc, 0) for o, c in zip(out, cout))
                 act = tuple(jax.lax.ppermute(c, "pp", [(i, i + 1) for i in range(pp - 1)]) for c in cout)

@@ -158,7 +158,12 @@ class LLM:
         if probe is not None and options.calibration is None:  # calibration runs the model: not on shapes
             self._activation_probe = self._start_activation_probe(graph, options, probe)
         t = time.perf_counter()
-        params = ckpt.load_params(graph, put=(lambda name, a: a) if sharded else None)
+        shardings = None
+        if sharded and ckpt.source is None:  # random weights: made sharded, never whole on one device
+            from kiln.passes.sharding import make_mesh, param_shardings
+
+            shardings = param_shardings(graph, make_mesh(tp, pp))
+        params = ckpt.load_params(graph, put=(lambda name, a: a) if sharded else None, shardings=shardings)
         t_load = time.perf_counter() - t
         self.passes_run = [p.name for p in build_passes(options)]
         self.graph, self.params = run_pipeline(graph, params, options)

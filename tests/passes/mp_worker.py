@@ -1,8 +1,11 @@
-"""One process of tests/passes/test_multiprocess.py: joins a 2-process jax.distributed CPU
-cluster (2 devices each: the parent sets XLA_FLAGS), runs greedy decoding of the shared prompts through sharded
-models spanning both processes, and writes the tokens as JSON.
+"""One process of a 2-process jax.distributed run (tests/passes/test_multiprocess.py on the
+CPU, benchmarks/check_multiprocess.py on GPUs): joins the cluster, runs greedy decoding of the
+shared prompts through sharded models spanning both processes, and writes the tokens as JSON.
 
-    python -m tests.passes.mp_worker PROCESS_ID PORT CHECKPOINT OUT_JSON
+    python -m tests.passes.mp_worker PROCESS_ID PORT CHECKPOINT OUT_JSON [LAYOUTS [ATTENTION [N]]]
+
+LAYOUTS: tp x pp pairs, e.g. "4x1,2x2" (default: MP_LAYOUTS); ATTENTION: the attention impl
+("reference" by default; "auto" takes the Pallas kernel on a GPU); N: tokens per prompt (3).
 """
 
 import json
@@ -13,11 +16,16 @@ import jax
 from tests.passes.sharding_cases import MP_LAYOUTS
 
 
-def main(process_id: int, port: int, checkpoint: str, out: str) -> None:
+def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))
+
+
+def main(process_id: int, port: int, checkpoint: str, out: str, layouts=MP_LAYOUTS, attention="reference",
+         n: int = 3) -> None:
     from kiln.passes.sharding import initialize_distributed
 
     initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+    assert jax.process_count() == 2 and len(jax.devices()) == 2 * len(jax.local_devices())
 
     from kiln.models.loader import load_params, open_checkpoint
     from kiln.models.registry import build_graph
@@ -28,15 +36,16 @@ def main(process_id: int, port: int, checkpoint: str, out: str) -> None:
     ck = open_checkpoint(checkpoint)
     graph = build_graph(ck.config, "float32")
     result = {}
-    for tp, pp in MP_LAYOUTS:
-        model = shard_model(graph, tp=tp, pp=pp)  # weights stream onto their devices as they load
+    for tp, pp in layouts:
+        model = shard_model(graph, tp=tp, pp=pp, attention=attention)  # weights stream onto their devices
         model.params = model.place(load_params(graph, ck.config, ck.source, put=model.put))
-        stepper = use_sharded(Stepper(graph, model.params), model)
+        stepper = use_sharded(Stepper(graph, model.params, attention=attention), model)
         stepper.step_fn = lambda p, kv, inputs, m=model: _fetch(m.step(p, kv, inputs), to_host)
-        tokens, _ = greedy(stepper, n=3)
+        tokens, _ = greedy(stepper, n=n)
         result[f"tp{tp}_pp{pp}"] = tokens
     with open(out, "w") as f:
-        json.dump({"process": jax.process_index(), "tokens": result}, f)
+        json.dump({"process": jax.process_index(), "devices": [str(d) for d in jax.devices()],
+                   "tokens": result}, f)
     jax.distributed.shutdown()
 
 
@@ -46,4 +55,6 @@ def _fetch(step_out, to_host):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    a = sys.argv[1:]
+    main(int(a[0]), int(a[1]), a[2], a[3], parse_layouts(a[4]) if len(a) > 4 else MP_LAYOUTS,
+         a[5] if len(a) > 5 else "reference", int(a[6]) if len(a) > 6 else 3)

@@ -160,3 +160,17 @@ def test_cli_prints_the_placement_and_rejects_impossible_layouts(tmp_path, capsy
     assert "tp=4 does not divide the 2 kv heads" in capsys.readouterr().err
     assert main(["graph", str(tmp_path), "--pp", "3"]) == 2
     assert "pp=3 pipeline stages but MistralForCausalLM has only 2 layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("microbatches", [2, 3])
+def test_pipeline_micro_batches_with_the_attention_kernel(tmp_path, microbatches):
+    """The Pallas kernel (interpret mode) reads each sequence's queries from query_start_loc
+    and its keys from context_lens: every micro-batch gets them for its own window of tokens
+    (a prompt split across micro-batches, decode rows in several). Found on two H200s, where
+    the kernel runs by default and pp=2 decoded different tokens from one GPU."""
+    make_hf_checkpoint("llama", tmp_path)  # 4 heads / 2 kv heads of dim 16: the kernel's shapes
+    graph, params = _load(tmp_path)
+    prompts = ([5, 17, 42, 99, 7, 3, 11], [3, 250, 11], [8, 9])
+    expected = greedy(Stepper(graph, params), prompts, n=3)
+    model = shard_model(graph, params, pp=2, attention="interpret", microbatches=microbatches)
+    _assert_same(greedy(use_sharded(Stepper(graph, params), model), prompts, n=3), expected)
