@@ -153,7 +153,7 @@ def step_call(runner, batch):
 
 
 def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, preset: str = "llama-3-8b",
-                max_num_seqs: int = 256, kv_cache_dtype: str | None = None) -> dict:
+                max_num_seqs: int = 256, kv_cache_dtype: str | None = None, max_num_tokens: int = 2048) -> dict:
     import jax
     import numpy as np
 
@@ -180,7 +180,7 @@ def engine_part(quant: str | None, isl: int, osl: int, n: int, mem_util: float, 
 
     loader.random_params, pipeline._apply_transforms = rp, tr
     t = time.perf_counter()
-    llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_num_seqs=max_num_seqs, max_num_tokens=2048,
+    llm = LLM(f"random:{preset}", dtype="bfloat16", quantization=quant, max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
               max_model_len=2304, gpu_memory_utilization=mem_util, kv_cache_dtype=kv_cache_dtype,
               **({"num_kv_blocks": int(os.environ["PROBE_KV_BLOCKS"])} if "PROBE_KV_BLOCKS" in os.environ else {}))
     rep["phases"]["llm_init_s"] = time.perf_counter() - t
@@ -406,6 +406,7 @@ def main():
                     help="w8a8: bf16 vs W8A8 (XLA's SwiGLU quantization, the kernel's) at M = 1024, 2048, 4096")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.55)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-dtype", default=None, help="fp8: e4m3 KV cache")
     a = ap.parse_args()
     if a.mlp:
@@ -413,7 +414,7 @@ def main():
     else:
         q = None if a.quant == "none" else a.quant
         rep, name = engine_part(q, a.isl, a.osl, a.num_requests, a.gpu_memory_utilization, a.preset,
-                                  a.max_num_seqs, a.kv_cache_dtype), a.quant + (f"_kv{a.kv_cache_dtype}" if a.kv_cache_dtype else "")
+                                  a.max_num_seqs, a.kv_cache_dtype, a.max_num_tokens), a.quant + (f"_kv{a.kv_cache_dtype}" if a.kv_cache_dtype else "")
     with open(os.path.join(OUT, f"profile_{name}.json"), "w") as f:
         json.dump(rep, f, indent=1, default=str)
 
