@@ -99,6 +99,16 @@ def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
         from kiln.passes.ops import add_rms_norm_values
 
         return add_rms_norm_values(ctx, x, r, w, eps=eps, offset=offset)[1]
+    notes = getattr(ctx, "notes", {})
+    for prod, other in ((r, x), (x, r)):  # the graph adds the block's output to the residual: r, usually
+        note = notes.get(id(prod))
+        if note is not None and note[0] is prod and act_quant.resolve_impl(
+                _act_impl(ctx), x.shape[-1], "add_rms_norm_scaled") != "xla":
+            # a W8A8 product (o_proj, down) and the kind runs as the kernel: it reads the unscaled GEMM
+            # output and scales it itself, like swiglu_scaled (a bf16 sum is the same either way round)
+            raw, sa, ws = note[1:]
+            return QAct(*act_quant.act_quant("add_rms_norm_scaled", raw, other, sa, ws, w, eps=eps, offset=offset,
+                                             impl=_act_impl(ctx)))
     return QAct(*act_quant.act_quant("add_rms_norm", x, r, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
 

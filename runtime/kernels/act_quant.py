@@ -5,6 +5,8 @@ kernel (Triton backend on the GPU, `interpret=True` on the CPU) beside its plain
     rows           x [M, K]                    x
     rms_norm       x [M, K], w [K]             x * rsqrt(mean(x^2) + eps) * (offset + w)
     add_rms_norm   x, r [M, K], w [K]          rms_norm(x + r)   (the sum rounded to x's dtype first)
+    add_rms_norm_scaled  raw, r [M, K],        add_rms_norm(x, r), x = (raw * sa * ws) rounded to raw's
+                   sa [M, 1], ws [K], w [K]    dtype: o_proj's or down's W8A8 product before its scales
     swiglu         gu [M, 2, F]                silu(gu[:, 0]) * gu[:, 1]
     swiglu_scaled  g [M, 2, F], sa [M, 1],     swiglu(gu), gu = (g * sa * ws) rounded to g's dtype:
                    ws [2, F]                   the raw output of a W8A8 GEMM and its two scales
@@ -21,13 +23,16 @@ and writes one byte per element plus the scale: one read of the input, nothing i
 
 Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU tests) and "auto":
 the kernel on a GPU for `swiglu_scaled` only, XLA for the other kinds (`KILN_ACT_QUANT=pallas`
-selects the kernel for all). Measured on the H100 (BENCHMARKS.md, session 5): alone the kernel
-is 1.2-1.9x faster than XLA's lowering of the same op, but fed the scaled GEMM output inside the
+selects the kernel for all; `KILN_ACT_QUANT_KINDS=swiglu_scaled,add_rms_norm_scaled,rows` for
+those: the other two are candidates not yet measured end to end, BENCHMARKS.md session 9).
+Measured on the H100 (BENCHMARKS.md, session 5): alone the kernel is 1.2-1.9x faster than XLA's lowering of the same op, but fed the scaled GEMM output inside the
 fp8 step it made the step slower (decode 11.08 -> 11.23 ms of kernels, 2048-token step 32.8 ->
 34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the residual add) into its own
 quantization fusions, and a custom call as the consumer makes XLA write the scaled output out
 first (an extra pass over [M, 28672] per layer). `swiglu_scaled` takes the raw GEMM output and
-the two scale vectors itself, so nothing is written in between.
+the two scale vectors itself, so nothing is written in between; `add_rms_norm_scaled` does the
+same for the norms after o_proj and down (XLA's path takes three passes over the product and
+the residual there: the sum, the per-token scale, the quantization).
 Under tensor parallelism the callers keep XLA: a per-token max over a sharded axis needs the
 partitioner's all-reduce, which a custom call does not get.
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +49,12 @@ import jax.numpy as jnp
 from kiln.runtime.kernels import requested_impl
 from kiln.runtime.kernels.attention import FP8_MAX
 
-KINDS = ("rows", "rms_norm", "add_rms_norm", "swiglu", "swiglu_scaled")
+KINDS = ("rows", "rms_norm", "add_rms_norm", "add_rms_norm_scaled", "swiglu", "swiglu_scaled")
+# inputs with one row per token, first; the rest are per-channel vectors [K] (or [2, K])
+ROWED = {"rows": 1, "rms_norm": 1, "add_rms_norm": 2, "add_rms_norm_scaled": 3, "swiglu": 1, "swiglu_scaled": 2}
+# the kinds "auto" runs as the kernel on a GPU (KILN_ACT_QUANT_KINDS, a comma list, replaces them:
+# the kinds below it are built and tested but not yet measured end to end to pay)
+AUTO_KINDS = ("swiglu_scaled",)
 IMPLS = ("auto", "xla", "pallas", "interpret")
 MAX_CHUNK = 4096       # elements of K per load
 MAX_CHUNKS = 32        # chunks a row may take (all held in registers); wider rows stay on XLA
@@ -74,6 +85,10 @@ def _value(kind: str, xs, *, eps: float, offset: float):
     if kind == "swiglu":
         gu = xs[0]
         return jax.nn.silu(gu[..., 0, :].astype(jnp.float32)) * gu[..., 1, :].astype(jnp.float32)
+    if kind == "add_rms_norm_scaled":  # x is a W8A8 GEMM's unscaled output: scaled as fp8_linear does
+        raw, r, sa, ws, w = xs
+        xs = (((raw.astype(jnp.float32) * sa) * ws.astype(jnp.float32)).astype(raw.dtype), r, w)
+        kind = "add_rms_norm"
     x = xs[0] + xs[1] if kind == "add_rms_norm" else xs[0]
     w = xs[-1]
     xf = x.astype(jnp.float32)
@@ -119,12 +134,14 @@ def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offse
             g, u = ins[0][:, sl].astype(jnp.float32), ins[1][:, sl].astype(jnp.float32)
             return g * jax.nn.sigmoid(g) * u
         x = ins[0][:, sl]
-        if kind == "add_rms_norm":
+        if kind == "add_rms_norm_scaled":  # ins: raw GEMM output, r, sa [rows, 1], ws [1, K], w
+            x = ((x.astype(jnp.float32) * ins[2][...]) * ins[3][:, sl]).astype(ins[0].dtype)
+        if kind.startswith("add_rms_norm"):
             x = x + ins[1][:, sl]          # in x's dtype, as the unfused graph forms the sum
         return x.astype(jnp.float32)
 
     vals = [load(c) for c in range(chunks)]                                 # [rows, chunk] each
-    if kind in ("rms_norm", "add_rms_norm"):
+    if "norm" in kind:
         ssq = sum(jnp.sum(v * v, axis=1, keepdims=True) for v in vals)      # [rows, 1]
         rstd = jax.lax.rsqrt(ssq / k + eps)
         w_ref = ins[-1]
@@ -139,12 +156,6 @@ def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offse
     s_ref[...] = s
 
 
-def _num_rowed(kind: str, xs) -> int:
-    """How many of `kind`'s inputs have one row per token: all but a last weight (a norm's
-    weight, `swiglu_scaled`'s channel scales)."""
-    return len(xs) - 1 if kind.endswith("norm") or kind == "swiglu_scaled" else len(xs)
-
-
 def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, config: ActQuantConfig | None = None,
                      interpret: bool = False):
     """The kernel over 2-D inputs: x [M, K] (and r, w [K]) or gu [M, 2, F] -> (q [M, K], s [M, 1])."""
@@ -157,8 +168,7 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
     cfg = config or _default_config(k)
     br = cfg.block_rows
     mp = -(-m // br) * br
-    norm = kind.endswith("norm")
-    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) if mp > m else x for x in xs[:_num_rowed(kind, xs)]]
+    acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) if mp > m else x for x in xs[:ROWED[kind]]]
     row = pl.BlockSpec((br, k), lambda i: (i, 0))
     if kind in ("swiglu", "swiglu_scaled"):  # the gate and up halves as two row blocks of the one array
         args = (acts[0], acts[0])
@@ -168,7 +178,13 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
             args += (acts[1].astype(jnp.float32), ws, ws)
             in_specs += [pl.BlockSpec((br, 1), lambda i: (i, 0)), pl.BlockSpec((None, 1, k), lambda i: (0, 0, 0)),
                          pl.BlockSpec((None, 1, k), lambda i: (1, 0, 0))]
+    elif kind == "add_rms_norm_scaled":  # raw, r, sa [M, 1], ws [K], w [K]
+        args = (acts[0], acts[1], acts[2].astype(jnp.float32), xs[3].astype(jnp.float32).reshape(1, k),
+                xs[4].reshape(1, k))
+        vec = pl.BlockSpec((1, k), lambda i: (0, 0))
+        in_specs = [row, row, pl.BlockSpec((br, 1), lambda i: (i, 0)), vec, vec]
     else:
+        norm = kind.endswith("norm")
         args = tuple(acts) + ((xs[-1].reshape(1, k),) if norm else ())
         in_specs = [row] * len(acts) + ([pl.BlockSpec((1, k), lambda i: (0, 0))] if norm else [])
     kernel = lambda *refs: _kernel(*refs, kind=kind, chunk=chunk, chunks=chunks, k=k, eps=eps, offset=offset)
@@ -186,12 +202,26 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
 # --------------------------------------------------------------------------- dispatch
 
 
+def auto_kinds() -> tuple[str, ...]:
+    """AUTO_KINDS, or the kinds KILN_ACT_QUANT_KINDS names (checked)."""
+    env = os.environ.get("KILN_ACT_QUANT_KINDS")
+    if env is None:
+        return AUTO_KINDS
+    kinds = tuple(x.strip() for x in env.split(",") if x.strip())
+    bad = [x for x in kinds if x not in KINDS]
+    if bad:
+        from kiln.errors import ConfigError
+
+        raise ConfigError(f"KILN_ACT_QUANT_KINDS names unknown kinds {', '.join(bad)}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
 def resolve_impl(impl: str, k: int, kind: str) -> str:
-    """"auto" (or `KILN_ACT_QUANT`): the kernel on a GPU for `swiglu_scaled`, XLA for the other
+    """"auto" (or `KILN_ACT_QUANT`): the kernel on a GPU for `auto_kinds()`, XLA for the other
     kinds (see the module doc); an explicit kernel wherever K chunks."""
     impl = requested_impl(impl, IMPLS, "KILN_ACT_QUANT", "activation quantization")
     if impl == "auto":
-        return "pallas" if kind == "swiglu_scaled" and jax.default_backend() == "gpu" and _chunking(k) else "xla"
+        return "pallas" if kind in auto_kinds() and jax.default_backend() == "gpu" and _chunking(k) else "xla"
     if _chunking(k) is None:
         return "xla"  # no chunking of this width: the reference (rows wider than MAX_CHUNKS chunks)
     return impl
@@ -209,7 +239,7 @@ def act_quant(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, impl: str =
     if impl == "xla":
         return act_quant_reference(kind, *xs, eps=eps, offset=offset)
     m = math.prod(lead)
-    n_acts = _num_rowed(kind, xs)
+    n_acts = ROWED[kind]
     flat = tuple(x.reshape((m,) + x.shape[len(lead):]) if i < n_acts else x for i, x in enumerate(xs))
     q, s = act_quant_pallas(kind, *flat, eps=eps, offset=offset, config=config, interpret=impl == "interpret")
     return q.reshape(lead + (k,)), s.reshape(lead + (1,))

@@ -21,10 +21,16 @@ def _inputs(rng, kind, lead, k, dtype):
     sum is exact in bf16 (XLA's CPU backend may skip the sum's rounding to bf16 inside a
     fusion, the GPU kernel rounds it as the unfused graph does: exact sums compare both)."""
     def act(shape):
-        if kind == "add_rms_norm":
+        if kind.startswith("add_rms_norm"):
             return rng.integers(-32, 33, shape).astype(np.float32) / 8
         return rng.standard_normal(shape).astype(np.float32) * rng.choice([0.1, 3.0, 40.0])
 
+    if kind == "add_rms_norm_scaled":  # raw * sa * ws lands on multiples of 1/8 as well (powers of two)
+        e_row, e_col = rng.integers(3, 7, lead + (1,)), rng.integers(0, 4, k)
+        raw = rng.integers(-32, 33, lead + (k,)) / 8 * 2.0 ** (e_row + e_col)
+        return [jnp.asarray(raw, dtype), jnp.asarray(act(lead + (k,)), dtype),
+                jnp.asarray(2.0 ** -e_row, jnp.float32), jnp.asarray(2.0 ** -e_col, jnp.float32),
+                jnp.asarray(rng.standard_normal(k) * 0.5 + 1.0, dtype)]
     if kind == "swiglu":
         xs = [act(lead + (2, k))]
     elif kind == "swiglu_scaled":  # a W8A8 GEMM's unscaled output, its token and channel scales
@@ -50,7 +56,7 @@ def test_kernel_equals_reference(kind, lead, k, block_rows, dtype, offset, seed)
     chunk or several (448 = 7 x 64, 1536 = 3 x 512), 16- and 32-bit inputs, Gemma's (1 + w),
     SwiGLU over a W8A8 GEMM's unscaled output with its two scale vectors."""
     xs = _inputs(np.random.default_rng(seed), kind, lead, k, dtype)
-    kw = dict(eps=1e-5, offset=offset) if kind.endswith("norm") else {}
+    kw = dict(eps=1e-5, offset=offset) if "norm" in kind else {}
     q, s = aq.act_quant(kind, *xs, impl="interpret", config=aq.ActQuantConfig(block_rows=block_rows), **kw)
     qr, sr = aq.act_quant_reference(kind, *xs, **kw)
     assert q.shape == qr.shape == lead + (k,) and q.dtype == jnp.float8_e4m3fn
@@ -81,6 +87,13 @@ def test_dispatch(monkeypatch):
     assert aq.resolve_impl("auto", 4096, "swiglu_scaled") == "xla" and aq.resolve_impl("auto", 4096, "rms_norm") == "xla"
     monkeypatch.setattr(aq.jax, "default_backend", lambda: "gpu")
     assert aq.resolve_impl("auto", 14336, "swiglu_scaled") == "pallas" and aq.resolve_impl("auto", 4096, "swiglu") == "xla"
+    assert aq.resolve_impl("auto", 4096, "add_rms_norm_scaled") == "xla"
+    monkeypatch.setenv("KILN_ACT_QUANT_KINDS", "add_rms_norm_scaled,rows")  # the candidates, for an A/B
+    assert [aq.resolve_impl("auto", 4096, k) for k in ("add_rms_norm_scaled", "rows", "swiglu_scaled")] == \
+        ["pallas", "pallas", "xla"]
+    monkeypatch.setenv("KILN_ACT_QUANT_KINDS", "rows,norms")
+    with pytest.raises(ConfigError, match="KILN_ACT_QUANT_KINDS names unknown kinds norms"):
+        aq.resolve_impl("auto", 4096, "rows")
     monkeypatch.undo()
     monkeypatch.setenv("KILN_ACT_QUANT", "interpret")
     assert aq.resolve_impl("auto", 4096, "rms_norm") == "interpret"
@@ -112,6 +125,7 @@ def test_fp8_model_kernel_equals_xla(ckpt, monkeypatch):
     monkeypatch.setattr(aq, "act_quant_pallas", lambda kind, *a, **kw: calls.append(kind) or kernel(kind, *a, **kw))
     assert _greedy(g, p, prompt, 5) == want
     layers = graph.meta["num_layers"]
-    per_step = ["rms_norm", "rows", "add_rms_norm", "swiglu_scaled"] + ["add_rms_norm", "rows", "add_rms_norm",
-                                                                      "swiglu_scaled"] * (layers - 1)
+    # the norms after o_proj and down read those W8A8 products unscaled, as SwiGLU reads gate_up's
+    per_step = ["rms_norm", "rows", "add_rms_norm_scaled", "swiglu_scaled"] + [
+        "add_rms_norm_scaled", "rows", "add_rms_norm_scaled", "swiglu_scaled"] * (layers - 1)
     assert calls and len(calls) % len(per_step) == 0 and sorted(calls[:len(per_step)]) == sorted(per_step)
