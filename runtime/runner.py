@@ -151,17 +151,18 @@ class Runner:
     # -- memory
     def _blocks_from_memory(self, utilization: float) -> int:
         """vLLM's rule: the KV pool takes what is left of `utilization` x device memory after
-        the weights and the largest step's activations. Without memory statistics (CPU),
+        the weights and the largest step's activations (on the fullest device holding a share). Without memory statistics (CPU),
         enough blocks for max_num_seqs full-length sequences."""
         per_block = kv_cache_bytes_per_block(self.graph, self.block_size, self.dtype) // self.kv_shards
-        stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" not in stats:  # host memory: at most CPU_KV_BYTES, at least one full sequence
+        # every device that holds a share of the pools (the first tp * pp: shard_model's mesh)
+        all_stats = [d.memory_stats() or {} for d in jax.devices()[:max(self.kv_shards, 1)]]
+        if any("bytes_limit" not in s for s in all_stats):  # host memory: at most CPU_KV_BYTES, at least one full sequence
             cap = max(self.max_blocks + 1, CPU_KV_BYTES // max(per_block, 1))
             return min(self.max_num_seqs * self.max_blocks + 1, cap)
         activations = self._given_activation_bytes
         if activations is None:
             activations = self._activation_bytes()
-        avail = utilization * stats["bytes_limit"] - stats.get("bytes_in_use", 0) - activations
+        avail = min(utilization * s["bytes_limit"] - s.get("bytes_in_use", 0) for s in all_stats) - activations
         n = int(avail // per_block)
         if n < self.max_blocks:
             from kiln.errors import ConfigError
