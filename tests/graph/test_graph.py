@@ -94,3 +94,27 @@ def test_lowered_step_is_pure_and_updates_the_cache():
     assert np.abs(written[:, 5, :3]).sum() > 0 and np.abs(written[:, 5, 3:]).sum() == 0
     assert np.abs(np.delete(written, 5, axis=1)).sum() == 0
     assert jnp.all(kv[0]["k"] == 0)  # the input cache is untouched (no donation here)
+
+
+def test_window_metadata_describes_each_sequences_tokens_in_the_window():
+    """A window of a flat batch (a pipeline micro-batch): each sequence keeps its tokens inside
+    the window, placed at the same positions (keys up to the last of them); others get none."""
+    from kiln.graph.ops import window_metadata
+
+    rng = np.random.default_rng(0)
+    q_lens = np.array([7, 1, 0, 12, 1, 3])
+    past = rng.integers(0, 20, q_lens.size)                 # keys already in the cache
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    ctx = (past + q_lens).astype(np.int32)
+    total = int(qsl[-1])
+    for start, size in [(0, 8), (5, 6), (8, 16), (20, 4), (0, total + 3)]:
+        c2, q2 = (np.asarray(a) for a in window_metadata(ctx, qsl, start, size))
+        assert q2[0] == 0 and np.all(np.diff(q2) >= 0) and q2[-1] == min(size, total - start)
+        for s in range(q_lens.size):
+            inside = [t for t in range(qsl[s], qsl[s + 1]) if start <= t < start + size]
+            assert q2[s + 1] - q2[s] == len(inside)
+            if inside:  # the window's first token of s sits where it sat in the whole batch
+                assert q2[s] == inside[0] - start
+                assert c2[s] - (q2[s + 1] - q2[s]) == past[s] + inside[0] - qsl[s]
+            else:
+                assert c2[s] == 0
