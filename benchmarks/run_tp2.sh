@@ -5,7 +5,9 @@
 #   bash benchmarks/run_tp2.sh bf16      # Llama-3-8B shape, bf16, tp=1 then tp=2
 #   bash benchmarks/run_tp2.sh fp8       # the same with --quant fp8
 #   bash benchmarks/run_tp2.sh 70b       # Llama-3-70B shape, fp8, tp=2
-# Results: JSON under $OUT (bench_e2e_kiln_<quant>_tp<N>.json, check_*.json).
+# Results: JSON under $OUT (bench_e2e_kiln_<quant>_tp<N>.json, check_*.json). Environment: TPS="1 2"
+# (which tp), R (request counts), LIMIT (seconds per engine), KV_BLOCKS (a fixed pool instead of
+# sizing it from memory), SKIP_TP_CHECK.
 set -u
 cd "$(dirname "$0")"
 mkdir -p /tmp/pk && ln -sfn "$(cd .. && pwd)" /tmp/pk/kiln
@@ -35,6 +37,7 @@ case "${1:-check}" in
     q=$([ "$1" = fp8 ] && echo "--quant fp8")
     for tp in $TPS; do
       timeout ${LIMIT:-400} python3 bench_e2e.py --part kiln $q --tp $tp --workloads $W --requests $R --tag _tp$tp \
+        ${KV_BLOCKS:+--num-kv-blocks $KV_BLOCKS} \
         >"$OUT/log_$1_tp$tp.txt" 2>&1 || tail -20 "$OUT/log_$1_tp$tp.txt"
       summary "$OUT"/bench_e2e_kiln_*_tp$tp.json
     done ;;
