@@ -25,9 +25,9 @@ Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU test
 the kernel on a GPU for `swiglu_scaled` only, XLA for the other kinds (`KILN_ACT_QUANT=pallas`
 selects the kernel for all; `KILN_ACT_QUANT_KINDS=swiglu_scaled,add_rms_norm_scaled,rows` for
 those: the other two are candidates not yet measured end to end, BENCHMARKS.md session 9).
-Measured on the H100 (BENCHMARKS.md, session 5): alone the kernel is 1.2-1.9x faster than XLA's lowering of the same op, but fed the scaled GEMM output inside the
-fp8 step it made the step slower (decode 11.08 -> 11.23 ms of kernels, 2048-token step 32.8 ->
-34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the residual add) into its own
+Measured on the H100 (BENCHMARKS.md, session 5): alone the kernel is 1.2-1.9x faster than
+XLA's lowering of the same op, but fed the scaled GEMM output inside the fp8 step it made the
+step slower (decode 11.08 -> 11.23 ms of kernels, 2048-token step 32.8 -> 34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the residual add) into its own
 quantization fusions, and a custom call as the consumer makes XLA write the scaled output out
 first (an extra pass over [M, 28672] per layer). `swiglu_scaled` takes the raw GEMM output and
 the two scale vectors itself, so nothing is written in between; `add_rms_norm_scaled` does the
@@ -52,8 +52,8 @@ from kiln.runtime.kernels.attention import FP8_MAX
 KINDS = ("rows", "rms_norm", "add_rms_norm", "add_rms_norm_scaled", "swiglu", "swiglu_scaled")
 # inputs with one row per token, first; the rest are per-channel vectors [K] (or [2, K])
 ROWED = {"rows": 1, "rms_norm": 1, "add_rms_norm": 2, "add_rms_norm_scaled": 3, "swiglu": 1, "swiglu_scaled": 2}
-# the kinds "auto" runs as the kernel on a GPU (KILN_ACT_QUANT_KINDS, a comma list, replaces them:
-# the kinds below it are built and tested but not yet measured end to end to pay)
+# the kinds "auto" runs as the kernel on a GPU (KILN_ACT_QUANT_KINDS, a comma list, replaces them;
+# the other kinds are built and tested, but not yet measured end to end to pay)
 AUTO_KINDS = ("swiglu_scaled",)
 IMPLS = ("auto", "xla", "pallas", "interpret")
 MAX_CHUNK = 4096       # elements of K per load
