@@ -1,10 +1,10 @@
 """Tensor parallel on the GPUs of one host against one device (issue #5).
 
-    python3 benchmarks/check_tp.py [--tp 2] [--preset llama-tiny] [--tokens 32]
+    python3 benchmarks/check_tp.py [--tp 2] [--pp 1] [--preset llama-tiny] [--tokens 32]
 
 Greedy decoding of the same random-weight model, once on one device and once with `tp=N`
-(attention heads, KV heads, the MLP and the vocabulary split over N devices), each in its
-own process: fp32 with full-precision matmuls (the all-reduce only changes the summation
+(attention heads, KV heads, the MLP and the vocabulary split over N devices; with `--pp`, the
+layers split into pipeline stages as well), each in its own process: fp32 with full-precision matmuls (the all-reduce only changes the summation
 order, ~1e-7) and bf16. Passes when the fp32 tokens are identical. Reported per dtype: tokens
 identical per prompt, the largest difference of the sampled tokens' logprobs, and each
 device's share of the weights (bytes held per device / bytes of the model). Writes
@@ -28,7 +28,7 @@ a = json.loads(sys.argv[1])
 if a["dtype"] == "float32":
     jax.config.update("jax_default_matmul_precision", "highest")
 from kiln import LLM, SamplingParams
-llm = LLM("random:" + a["preset"], dtype=a["dtype"], tp=a["tp"], max_num_seqs=8, max_num_tokens=512,
+llm = LLM("random:" + a["preset"], dtype=a["dtype"], tp=a["tp"], pp=a.get("pp", 1), max_num_seqs=8, max_num_tokens=512,
           max_model_len=1024, num_kv_blocks=512)
 prompts = [[100 + (7 * i + 13 * j) % 5000 for j in range(n)] for i, n in enumerate(a["lens"])]
 outs = llm.generate(prompts, SamplingParams(max_tokens=a["tokens"], temperature=0.0, ignore_eos=True, logprobs=1),
@@ -58,16 +58,17 @@ def run(args: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--preset", default="llama-tiny")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--lens", default="5,37,130,301")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     a = ap.parse_args()
     lens = [int(x) for x in a.lens.split(",")]
-    res, ok = {"preset": a.preset, "tp": a.tp, "lens": lens}, True
+    res, ok = {"preset": a.preset, "tp": a.tp, "pp": a.pp, "lens": lens}, True
     for dtype in a.dtypes.split(","):
         base = dict(preset=a.preset, dtype=dtype, tokens=a.tokens, lens=lens)
-        one, many = run({**base, "tp": 1}), run({**base, "tp": a.tp})
+        one, many = run({**base, "tp": 1}), run({**base, "tp": a.tp, "pp": a.pp})
         if "error" in one or "error" in many:
             res[dtype] = {"tp1": one.get("error"), f"tp{a.tp}": many.get("error")}
             print(dtype, "FAILED TO RUN", json.dumps(res[dtype])[:3000], flush=True)
@@ -87,7 +88,7 @@ def main():
             ok &= all(same)
     res["pass"] = ok
     print("PASS" if ok else "FAIL", flush=True)
-    with open(os.path.join(OUT, "check_tp.json"), "w") as f:
+    with open(os.path.join(OUT, f"check_tp{a.tp}_pp{a.pp}.json"), "w") as f:
         json.dump(res, f, indent=1)
     sys.exit(0 if ok else 1)
 

@@ -32,7 +32,8 @@ case "${1:-check}" in
   check)
     nvidia-smi -L; nvidia-smi topo -m | head -4
     python3 check_multiprocess.py --tokens 16 --attention auto 2>&1 | tail -12
-    [ -n "${SKIP_TP_CHECK:-}" ] || python3 check_tp.py --tp 2 --preset llama-tiny 2>&1 | tail -8 ;;
+    [ -n "${SKIP_TP_CHECK:-}" ] || { python3 check_tp.py --tp 2 --preset llama-tiny 2>&1 | tail -4;
+                                     python3 check_tp.py --tp 1 --pp 2 --preset llama-tiny 2>&1 | tail -4; } ;;
   bf16|fp8)
     q=$([ "$1" = fp8 ] && echo "--quant fp8")
     for tp in $TPS; do
