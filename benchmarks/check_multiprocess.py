@@ -31,26 +31,15 @@ sys.path.insert(0, str(ROOT))  # tests.helpers and tests.passes (the repository'
 SINGLE = r"""
 import json, sys
 import jax
-from kiln.models.loader import load_params, open_checkpoint
+from kiln.models.loader import open_checkpoint
 from kiln.models.registry import build_graph
-from kiln.passes.sharding import shard_model, to_host
-from tests.helpers import Stepper
-from tests.passes.mp_worker import parse_layouts
-from tests.passes.sharding_cases import greedy, use_sharded
+from tests.passes.mp_worker import layout_tokens, parse_layouts
 ckpt, layouts, attention, n, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 ck = open_checkpoint(ckpt)
 graph = build_graph(ck.config, "float32")
-res = {"devices": [str(d) for d in jax.devices()], "tokens": {}}
-for tp, pp in parse_layouts(layouts):
-    if tp * pp == 1:
-        stepper = Stepper(graph, load_params(graph, ck.config, ck.source), attention=attention)
-    else:
-        model = shard_model(graph, tp=tp, pp=pp, attention=attention)
-        model.params = model.place(load_params(graph, ck.config, ck.source, put=model.put))
-        stepper = use_sharded(Stepper(graph, model.params, attention=attention), model)
-        stepper.step_fn = lambda p, kv, i, m=model: (lambda o: (to_host(o[0]), o[1]))(m.step(p, kv, i))
-    res["tokens"][f"tp{tp}_pp{pp}"] = greedy(stepper, n=n)[0]
-json.dump(res, open(out, "w"))
+json.dump({"devices": [str(d) for d in jax.devices()],
+           "tokens": {f"tp{tp}_pp{pp}": layout_tokens(graph, ck, tp, pp, attention, n)
+                      for tp, pp in parse_layouts(layouts)}}, open(out, "w"))
 """
 
 

@@ -92,6 +92,13 @@ def _rms_norm_fp8_lower(ctx, x, w, *, eps, offset=0.0, min_tokens=None):
     return QAct(*act_quant.act_quant("rms_norm", x, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
 
+def _raw_product(ctx, y):
+    """(unscaled GEMM output, token scales, channel scales) when `y` is a W8A8 product whose
+    lowering left them in ctx.notes (passes/ops.py's qlinear), else None."""
+    note = getattr(ctx, "notes", {}).get(id(y))
+    return note[1:] if note is not None and note[0] is y else None
+
+
 def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
     # the residual sum itself is read through part(add_rms_norm(..), 0); the kernel, where
     # selected, forms x + r again from its inputs (one more read of r, no round trip of the sum)
@@ -99,27 +106,25 @@ def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
         from kiln.passes.ops import add_rms_norm_values
 
         return add_rms_norm_values(ctx, x, r, w, eps=eps, offset=offset)[1]
-    notes = getattr(ctx, "notes", {})
-    for prod, other in ((r, x), (x, r)):  # the graph adds the block's output to the residual: r, usually
-        note = notes.get(id(prod))
-        if note is not None and note[0] is prod and act_quant.resolve_impl(
-                _act_impl(ctx), x.shape[-1], "add_rms_norm_scaled") != "xla":
-            # a W8A8 product (o_proj, down) and the kind runs as the kernel: it reads the unscaled GEMM
-            # output and scales it itself, like swiglu_scaled (a bf16 sum is the same either way round)
-            raw, sa, ws = note[1:]
-            return QAct(*act_quant.act_quant("add_rms_norm_scaled", raw, other, sa, ws, w, eps=eps, offset=offset,
-                                             impl=_act_impl(ctx)))
+    if act_quant.resolve_impl(_act_impl(ctx), x.shape[-1], "add_rms_norm_scaled") != "xla":
+        for prod, other in ((r, x), (x, r)):  # the graph adds the block's output to the residual: r, usually
+            raw = _raw_product(ctx, prod)
+            if raw is not None:
+                # a W8A8 product (o_proj, down): the kernel reads its unscaled GEMM output and scales
+                # it itself, like swiglu_scaled (a bf16 sum is the same either way round)
+                return QAct(*act_quant.act_quant("add_rms_norm_scaled", raw[0], other, *raw[1:], w, eps=eps,
+                                                 offset=offset, impl=_act_impl(ctx)))
     return QAct(*act_quant.act_quant("add_rms_norm", x, r, w, eps=eps, offset=offset, impl=_act_impl(ctx)))
 
 
 def _swiglu_fp8_lower(ctx, gu, *, min_tokens=None):
     if not runs_w8a8(_rows(gu[..., 0, :]), min_tokens, _act_impl(ctx)):
         return REGISTRY["swiglu"].lower(ctx, gu)
-    note = getattr(ctx, "notes", {}).get(id(gu))
-    if note is not None and note[0] is gu:  # gu is a W8A8 product: read its unscaled GEMM output
-        # and scales instead (the scaled gu is then dead): the kernel applies the scales itself,
-        # no pass over gu in between (XLA's path computes the same values)
-        return QAct(*act_quant.act_quant("swiglu_scaled", *note[1:], impl=_act_impl(ctx)))
+    raw = _raw_product(ctx, gu)
+    if raw is not None:  # gu is a W8A8 product: read its unscaled GEMM output and scales instead
+        # (the scaled gu is then dead): the kernel applies the scales itself, no pass over gu in
+        # between (XLA's path computes the same values)
+        return QAct(*act_quant.act_quant("swiglu_scaled", *raw, impl=_act_impl(ctx)))
     return QAct(*act_quant.act_quant("swiglu", gu, impl=_act_impl(ctx)))
 
 

@@ -279,6 +279,7 @@ class StageLayout:
             stage = jax.lax.axis_index("pp")
             slot_params = {k: v[0] for k, v in slot_params.items()}
             kv = [{k: v[0] for k, v in e.items()} for e in kv]
+            size = mb_tok["token_ids"].shape[1]  # tokens per micro-batch
 
             def tick(state, t):
                 act, kv, out = state
@@ -291,7 +292,6 @@ class StageLayout:
                 env.update(whole)
                 first = tuple(x[mc] for x in x0)
                 cin = tuple(jnp.where(stage == 0, f, a) for f, a in zip(first, act))
-                size = mb_tok["token_ids"].shape[1]
                 window = (mc * size, size)  # block_tables & co. describe the whole batch
                 if uniform:
                     cout, kv = fns[0](slot_params, kv, env, cin, window)

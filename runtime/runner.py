@@ -151,8 +151,8 @@ class Runner:
     # -- memory
     def _blocks_from_memory(self, utilization: float) -> int:
         """vLLM's rule: the KV pool takes what is left of `utilization` x device memory after
-        the weights and the largest step's activations (on the fullest device holding a share). Without memory statistics (CPU),
-        enough blocks for max_num_seqs full-length sequences."""
+        the weights and the largest step's activations, on the fullest device holding a share.
+        Without memory statistics (CPU), enough blocks for max_num_seqs full-length sequences."""
         per_block = kv_cache_bytes_per_block(self.graph, self.block_size, self.dtype) // self.kv_shards
         # every device that holds a share of the pools (the first tp * pp: shard_model's mesh)
         all_stats = [d.memory_stats() or {} for d in jax.devices()[:max(self.kv_shards, 1)]]

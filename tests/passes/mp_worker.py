@@ -27,26 +27,33 @@ def main(process_id: int, port: int, checkpoint: str, out: str, layouts=MP_LAYOU
     initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.process_count() == 2 and len(jax.devices()) == 2 * len(jax.local_devices())
 
-    from kiln.models.loader import load_params, open_checkpoint
+    from kiln.models.loader import open_checkpoint
     from kiln.models.registry import build_graph
-    from kiln.passes.sharding import shard_model, to_host  # noqa: E402
-    from tests.helpers import Stepper
-    from tests.passes.sharding_cases import greedy, use_sharded
 
     ck = open_checkpoint(checkpoint)
     graph = build_graph(ck.config, "float32")
-    result = {}
-    for tp, pp in layouts:
-        model = shard_model(graph, tp=tp, pp=pp, attention=attention)  # weights stream onto their devices
-        model.params = model.place(load_params(graph, ck.config, ck.source, put=model.put))
-        stepper = use_sharded(Stepper(graph, model.params, attention=attention), model)
-        stepper.step_fn = lambda p, kv, inputs, m=model: _fetch(m.step(p, kv, inputs), to_host)
-        tokens, _ = greedy(stepper, n=n)
-        result[f"tp{tp}_pp{pp}"] = tokens
+    result = {f"tp{tp}_pp{pp}": layout_tokens(graph, ck, tp, pp, attention, n) for tp, pp in layouts}
     with open(out, "w") as f:
         json.dump({"process": jax.process_index(), "devices": [str(d) for d in jax.devices()],
                    "tokens": result}, f)
     jax.distributed.shutdown()
+
+
+def layout_tokens(graph, ck, tp: int, pp: int, attention: str, n: int) -> list[list[int]]:
+    """Greedy tokens of the shared prompts with the model on a (pp, tp) mesh over jax.devices()
+    (all processes' devices), or on one device when tp * pp == 1."""
+    from kiln.models.loader import load_params
+    from kiln.passes.sharding import shard_model, to_host
+    from tests.helpers import Stepper
+    from tests.passes.sharding_cases import greedy, use_sharded
+
+    if tp * pp == 1:
+        return greedy(Stepper(graph, load_params(graph, ck.config, ck.source), attention=attention), n=n)[0]
+    model = shard_model(graph, tp=tp, pp=pp, attention=attention)  # weights stream onto their devices
+    model.params = model.place(load_params(graph, ck.config, ck.source, put=model.put))
+    stepper = use_sharded(Stepper(graph, model.params, attention=attention), model)
+    stepper.step_fn = lambda p, kv, inputs: _fetch(model.step(p, kv, inputs), to_host)
+    return greedy(stepper, n=n)[0]
 
 
 def _fetch(step_out, to_host):
