@@ -6,8 +6,8 @@
 An end-to-end A/B of two trees costs an engine each (load, then ~5 minutes of compiling and
 autotuning nine token buckets for the fp8 8B shape) and compares across processes. Here one
 engine is loaded once; each variant sets its environment variables (read when a step is
-traced: KILN_ACT_QUANT_KINDS, KILN_ATTENTION, KILN_FP8_SKINNY, ...), gets fresh jitted steps
-(`Runner.set_compiler_options`), and times the same batches:
+traced: KILN_ACT_QUANT_KINDS, KILN_ATTENTION, KILN_KV_WRITE, KILN_FP8_SKINNY, ...), gets a fresh
+lowering and fresh jitted steps (`fresh_steps`), and times the same batches:
 
   mixed    a 4096-token step as the throughput workload's ramp takes it: 256 sequences
            decoding (contexts 129-256) beside 30 prompts of 128 tokens being prefilled
@@ -97,6 +97,55 @@ def time_batch(runner, batch, iters: int) -> float:
     return (time.perf_counter() - t) / iters * 1e3
 
 
+def set_env(env: dict, base_env: dict) -> None:
+    """Each variant from the same starting environment, then its own variables."""
+    for k, v in base_env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    os.environ.update(env)
+
+
+def fresh_steps(runner) -> None:
+    """New jitted steps over a new lowering of the graph: the attention nodes' nested jits (shared
+    by the layers, graph/lower.py) keep their traces, so a variable read inside attention
+    (KILN_ATTENTION, KILN_KV_WRITE) takes effect only in a new lowering."""
+    from kiln.graph.lower import lower
+
+    runner._step = lower(runner.graph, attention="auto")
+    runner.set_compiler_options(runner.compiler_options, runner.small_step_options)
+    runner._compiled.clear()
+
+
+def profile_variant(runner, batches, env: dict, base_env: dict) -> dict:
+    """A profiler trace of 3 steps of each shape, summarised per kernel kind (probe_step_profile's reader)."""
+    import tempfile
+
+    import jax
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from probe_step_profile import hlo_categories, hlo_sources, trace_summary
+
+    set_env(env, base_env)
+    fresh_steps(runner)
+    out = {}
+    for shape, (b, _) in batches.items():
+        for _ in range(2):
+            runner.read(runner.execute(b))
+        text = runner._executables[b.shape_key].as_text()
+        d = tempfile.mkdtemp()
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        for _ in range(3):
+            h = runner.execute(b)
+        runner.read(h)
+        jax.profiler.stop_trace()
+        tr = trace_summary(d, hlo_sources(text), 3, cats=hlo_categories(text))
+        out[shape] = tr
+        print(f"  {shape}: kernels {tr.get('kernel_us_per_step', 0):.0f} us/step, "
+              f"span {tr.get('span_us_per_step', 0):.0f}", flush=True)
+        for k, v in tr.get("by_kind_us_per_step", [])[:30]:
+            print(f"    {v:9.1f} us  {k}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
@@ -111,6 +160,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=12000)
+    ap.add_argument("--profile", nargs="?", const="all", default="", metavar="NAMES",
+                    help="after the rounds, a profiler trace of the named variants' steps (comma list; "
+                         "all without names) summarised per kernel kind "
+                         "(run with XLA_FLAGS=--xla_gpu_enable_command_buffer= for a per-kernel split)")
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variant] or [("base", {})]
 
@@ -127,11 +180,8 @@ def main() -> None:
     base_env = {k: os.environ.get(k) for _, e in variants for k in e}
     for r in range(a.rounds):
         for name, env in variants:
-            for k, v in base_env.items():  # each variant from the same starting environment
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-            os.environ.update(env)
-            runner.set_compiler_options(runner.compiler_options, runner.small_step_options)  # fresh jits
-            runner._compiled.clear()
+            set_env(env, base_env)
+            fresh_steps(runner)
             t = time.time()
             for shape, (b, _) in batches.items():
                 runner.read(runner.execute(b))  # compile
@@ -142,6 +192,13 @@ def main() -> None:
             print(f"round {r} {name}: " + ", ".join(f"{s} {res['ms_per_step'][name][s][-1]:.2f} ms"
                                                    for s in batches) + f" (compiled in {res['compile_s'][name][-1]} s)",
                   flush=True)
+    if a.profile:
+        names = [n for n, _ in variants] if a.profile == "all" else a.profile.split(",")
+        res["profile"] = {}
+        for name, env in variants:
+            if name in names:
+                print(f"profile {name}:", flush=True)
+                res["profile"][name] = profile_variant(runner, batches, env, base_env)
     first = variants[0][0]
     res["median_ms"] = {n: {s: statistics.median(v) for s, v in d.items()} for n, d in res["ms_per_step"].items()}
     res["vs_first"] = {n: {s: round(res["median_ms"][n][s] / res["median_ms"][first][s], 4) for s in batches}

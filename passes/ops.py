@@ -89,7 +89,13 @@ def add_rms_norm_values(ctx, x, r, w, *, eps, offset=0.0):
     hit = notes.get(key)
     if hit is not None and hit[0] is x and hit[1] is r and hit[2] is w:
         return hit[3]
-    res = rn.rms_norm(x, w, r, eps=eps, offset=offset, impl=norm_impl(ctx))
+    from kiln.passes.fp8_act import fused_residual_sum
+
+    total = fused_residual_sum(ctx, x, r, w, eps=eps, offset=offset) if hasattr(ctx, "notes") else None
+    if total is not None:  # W8A8 model: the sum from the kernel that also quantizes the norm; the norm
+        res = (total, rn.rms_norm(total, w, eps=eps, offset=offset, impl="xla"))  # here is XLA's, dead if unread
+    else:
+        res = rn.rms_norm(x, w, r, eps=eps, offset=offset, impl=norm_impl(ctx))
     notes[key] = (x, r, w, res)
     return res
 

@@ -12,6 +12,8 @@ kernel (Triton backend on the GPU, `interpret=True` on the CPU) beside its plain
                    ws [2, F]                   the raw output of a W8A8 GEMM and its two scales
 
     -> q f8e4m3 [M, K] = y / s,   s f32 [M, 1] = max(max|y|, 1e-12) / 448   (one scale per token)
+    the add kinds with `with_sum=True` also return the residual sum x + r (in x's dtype), so the
+    residual stream's next reader needs no pass of its own over the two addends
 
 Why a kernel: XLA lowers each quantization as separate fusions (the norm or SwiGLU, a row
 max, a divide-and-convert), and with 4 quantized activations per layer the Llama-3-8B fp8
@@ -22,9 +24,11 @@ keeps the chunks in registers for the sum of squares, the row max and the quanti
 and writes one byte per element plus the scale: one read of the input, nothing in between.
 
 Implementations (`impl`): "xla" (the reference), "pallas", "interpret" (CPU tests) and "auto":
-the kernel on a GPU for `swiglu_scaled` only, XLA for the other kinds (`KILN_ACT_QUANT=pallas`
-selects the kernel for all; `KILN_ACT_QUANT_KINDS=swiglu_scaled,add_rms_norm_scaled,rows` for
-those: the other two are candidates not yet measured end to end, BENCHMARKS.md session 9).
+the kernel on a GPU for `swiglu_scaled` and `add_rms_norm_scaled` (the latter writing the
+residual sum as well), XLA for the other kinds (`KILN_ACT_QUANT=pallas` selects the kernel for
+all; `KILN_ACT_QUANT_KINDS=swiglu_scaled,add_rms_norm_scaled,rows` for those). Measured in the
+8B fp8 step (BENCHMARKS.md, session 10): `add_rms_norm_scaled` with the sum 1.4% faster at 4096
+tokens and 1.7% at 512; `rows` (o_proj's input) no faster than XLA.
 Measured on the H100 (BENCHMARKS.md, session 5): alone the kernel is 1.2-1.9x faster than
 XLA's lowering of the same op, but fed the scaled GEMM output inside the fp8 step it made the
 step slower (decode 11.08 -> 11.23 ms of kernels, 2048-token step 32.8 -> 34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the residual add) into its own
@@ -53,8 +57,8 @@ KINDS = ("rows", "rms_norm", "add_rms_norm", "add_rms_norm_scaled", "swiglu", "s
 # inputs with one row per token, first; the rest are per-channel vectors [K] (or [2, K])
 ROWED = {"rows": 1, "rms_norm": 1, "add_rms_norm": 2, "add_rms_norm_scaled": 3, "swiglu": 1, "swiglu_scaled": 2}
 # the kinds "auto" runs as the kernel on a GPU (KILN_ACT_QUANT_KINDS, a comma list, replaces them;
-# the other kinds are built and tested, but not yet measured end to end to pay)
-AUTO_KINDS = ("swiglu_scaled",)
+# the other kinds are built and tested, but measured not to pay, or not measured)
+AUTO_KINDS = ("swiglu_scaled", "add_rms_norm_scaled")
 IMPLS = ("auto", "xla", "pallas", "interpret")
 MAX_CHUNK = 4096       # elements of K per load
 MAX_CHUNKS = 32        # chunks a row may take (all held in registers); wider rows stay on XLA
@@ -74,6 +78,16 @@ def _default_config(k: int) -> ActQuantConfig:
 # --------------------------------------------------------------------------- reference
 
 
+def residual_sum(kind: str, xs):
+    """x + r of the add kinds, in x's dtype (add_rms_norm_scaled: x is the scaled W8A8 product)."""
+    if kind == "add_rms_norm_scaled":
+        raw, r, sa, ws, _ = xs
+        return ((raw.astype(jnp.float32) * sa) * ws.astype(jnp.float32)).astype(raw.dtype) + r
+    if kind == "add_rms_norm":
+        return xs[0] + xs[1]
+    raise ValueError(f"{kind} has no residual sum; only add_rms_norm and add_rms_norm_scaled")
+
+
 def _value(kind: str, xs, *, eps: float, offset: float):
     """The fp32 value to quantize, [..., K], from the op's inputs (the XLA path's order of operations)."""
     if kind == "rows":
@@ -85,11 +99,7 @@ def _value(kind: str, xs, *, eps: float, offset: float):
     if kind == "swiglu":
         gu = xs[0]
         return jax.nn.silu(gu[..., 0, :].astype(jnp.float32)) * gu[..., 1, :].astype(jnp.float32)
-    if kind == "add_rms_norm_scaled":  # x is a W8A8 GEMM's unscaled output: scaled as fp8_linear does
-        raw, r, sa, ws, w = xs
-        xs = (((raw.astype(jnp.float32) * sa) * ws.astype(jnp.float32)).astype(raw.dtype), r, w)
-        kind = "add_rms_norm"
-    x = xs[0] + xs[1] if kind == "add_rms_norm" else xs[0]
+    x = residual_sum(kind, xs) if kind.startswith("add_rms_norm") else xs[0]
     w = xs[-1]
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -102,8 +112,9 @@ def quantize_rows(y):
     return (y / s).astype(jnp.float8_e4m3fn), s
 
 
-def act_quant_reference(kind: str, *xs, eps: float = 0.0, offset: float = 0.0):
-    return quantize_rows(_value(kind, xs, eps=eps, offset=offset))
+def act_quant_reference(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, with_sum: bool = False):
+    q = quantize_rows(_value(kind, xs, eps=eps, offset=offset))
+    return q + (residual_sum(kind, xs),) if with_sum else q
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -117,10 +128,10 @@ def _chunking(k: int) -> tuple[int, int] | None:
     return (chunk, n) if chunk >= 64 and n <= MAX_CHUNKS else None
 
 
-def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offset: float):
+def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offset: float, with_sum: bool = False):
     from jax.experimental import pallas as pl
 
-    *ins, q_ref, s_ref = refs
+    *ins, q_ref, s_ref, sum_ref = refs if with_sum else refs + (None,)
 
     def load(c):
         sl = pl.ds(c * chunk, chunk)
@@ -141,6 +152,9 @@ def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offse
         return x.astype(jnp.float32)
 
     vals = [load(c) for c in range(chunks)]                                 # [rows, chunk] each
+    if with_sum:  # the sum was formed in x's dtype: its fp32 value converts back exactly
+        for c, v in enumerate(vals):
+            sum_ref[:, pl.ds(c * chunk, chunk)] = v.astype(sum_ref.dtype)
     if "norm" in kind:
         ssq = sum(jnp.sum(v * v, axis=1, keepdims=True) for v in vals)      # [rows, 1]
         rstd = jax.lax.rsqrt(ssq / k + eps)
@@ -157,8 +171,9 @@ def _kernel(*refs, kind: str, chunk: int, chunks: int, k: int, eps: float, offse
 
 
 def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, config: ActQuantConfig | None = None,
-                     interpret: bool = False):
-    """The kernel over 2-D inputs: x [M, K] (and r, w [K]) or gu [M, 2, F] -> (q [M, K], s [M, 1])."""
+                     interpret: bool = False, with_sum: bool = False):
+    """The kernel over 2-D inputs: x [M, K] (and r, w [K]) or gu [M, 2, F] -> (q [M, K], s [M, 1])
+    (and the residual sum [M, K] with `with_sum`)."""
     from jax.experimental import pallas as pl
 
     from kiln.runtime.kernels.quant_matmul import _compiler_params
@@ -187,16 +202,20 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
         norm = kind.endswith("norm")
         args = tuple(acts) + ((xs[-1].reshape(1, k),) if norm else ())
         in_specs = [row] * len(acts) + ([pl.BlockSpec((1, k), lambda i: (0, 0))] if norm else [])
-    kernel = lambda *refs: _kernel(*refs, kind=kind, chunk=chunk, chunks=chunks, k=k, eps=eps, offset=offset)
-    q, s = pl.pallas_call(
-        kernel, grid=(mp // br,), in_specs=in_specs,
-        out_specs=[row, pl.BlockSpec((br, 1), lambda i: (i, 0))],
-        out_shape=[jax.ShapeDtypeStruct((mp, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((mp, 1), jnp.float32)],
+    if with_sum and not kind.startswith("add_rms_norm"):
+        raise ValueError(f"{kind} has no residual sum; only add_rms_norm and add_rms_norm_scaled")
+    kernel = lambda *refs: _kernel(*refs, kind=kind, chunk=chunk, chunks=chunks, k=k, eps=eps, offset=offset,
+                                   with_sum=with_sum)
+    out_specs = [row, pl.BlockSpec((br, 1), lambda i: (i, 0))] + [row] * with_sum
+    out_shape = [jax.ShapeDtypeStruct((mp, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((mp, 1), jnp.float32)] + \
+        [jax.ShapeDtypeStruct((mp, k), xs[0].dtype)] * with_sum
+    outs = pl.pallas_call(
+        kernel, grid=(mp // br,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
-        name=f"kiln_act_quant_{kind}_r{br}_c{chunk}x{chunks}",
+        name=f"kiln_act_quant_{kind}{'_sum' * with_sum}_r{br}_c{chunk}x{chunks}",
     )(*args)
-    return q[:m], s[:m]
+    return tuple(o[:m] for o in outs)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -228,18 +247,20 @@ def resolve_impl(impl: str, k: int, kind: str) -> str:
 
 
 def act_quant(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, impl: str = "auto",
-              config: ActQuantConfig | None = None):
+              config: ActQuantConfig | None = None, with_sum: bool = False):
     """The per-token fp8 quantization of the activation `kind` produces from `xs` (see the
-    module doc; leading axes of any rank) -> (q f8e4m3 [..., K], s f32 [..., 1])."""
+    module doc; leading axes of any rank) -> (q f8e4m3 [..., K], s f32 [..., 1]), and for the
+    add kinds with `with_sum` the residual sum x + r [..., K] third."""
     if kind not in KINDS:
         raise ValueError(f"unknown activation kind {kind!r}; choose one of {', '.join(KINDS)}")
     k = xs[0].shape[-1]
     lead = xs[0].shape[:-2] if kind.startswith("swiglu") else xs[0].shape[:-1]
     impl = resolve_impl(impl, k, kind)
     if impl == "xla":
-        return act_quant_reference(kind, *xs, eps=eps, offset=offset)
+        return act_quant_reference(kind, *xs, eps=eps, offset=offset, with_sum=with_sum)
     m = math.prod(lead)
     n_acts = ROWED[kind]
     flat = tuple(x.reshape((m,) + x.shape[len(lead):]) if i < n_acts else x for i, x in enumerate(xs))
-    q, s = act_quant_pallas(kind, *flat, eps=eps, offset=offset, config=config, interpret=impl == "interpret")
-    return q.reshape(lead + (k,)), s.reshape(lead + (1,))
+    q, s, *sm = act_quant_pallas(kind, *flat, eps=eps, offset=offset, config=config, interpret=impl == "interpret",
+                                 with_sum=with_sum)
+    return (q.reshape(lead + (k,)), s.reshape(lead + (1,))) + tuple(x.reshape(lead + (k,)) for x in sm)

@@ -66,6 +66,14 @@ def test_kernel_equals_reference(kind, lead, k, block_rows, dtype, offset, seed)
     np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=1e-6)
     a, b = _codes(q).astype(np.int16), _codes(qr).astype(np.int16)
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+    if kind.startswith("add_rms_norm"):  # the residual sum beside the quantized norm: exact, same codes
+        q2, s2, total = aq.act_quant(kind, *xs, impl="interpret", config=aq.ActQuantConfig(block_rows=block_rows),
+                                     with_sum=True, **kw)
+        want = aq.residual_sum(kind, xs)
+        assert total.shape == want.shape and total.dtype == want.dtype == xs[0].dtype
+        np.testing.assert_array_equal(np.asarray(total, np.float32), np.asarray(want, np.float32))
+        np.testing.assert_array_equal(_codes(q2), _codes(q))
+        np.testing.assert_array_equal(np.asarray(s2), np.asarray(s))
 
 
 def test_against_numpy():
@@ -83,13 +91,13 @@ def test_against_numpy():
 
 
 def test_dispatch(monkeypatch):
-    # XLA by default on the CPU; on a GPU the kernel only for swiglu_scaled (module doc)
+    # XLA by default on the CPU; on a GPU the kernel for the two kinds over W8A8 products (module doc)
     assert aq.resolve_impl("auto", 4096, "swiglu_scaled") == "xla" and aq.resolve_impl("auto", 4096, "rms_norm") == "xla"
     monkeypatch.setattr(aq.jax, "default_backend", lambda: "gpu")
     assert aq.resolve_impl("auto", 14336, "swiglu_scaled") == "pallas" and aq.resolve_impl("auto", 4096, "swiglu") == "xla"
-    assert aq.resolve_impl("auto", 4096, "add_rms_norm_scaled") == "xla"
-    monkeypatch.setenv("KILN_ACT_QUANT_KINDS", "add_rms_norm_scaled,rows")  # the candidates, for an A/B
-    assert [aq.resolve_impl("auto", 4096, k) for k in ("add_rms_norm_scaled", "rows", "swiglu_scaled")] == \
+    assert aq.resolve_impl("auto", 4096, "add_rms_norm_scaled") == "pallas" and aq.resolve_impl("auto", 4096, "rows") == "xla"
+    monkeypatch.setenv("KILN_ACT_QUANT_KINDS", "swiglu,rows")  # other kinds, for an A/B
+    assert [aq.resolve_impl("auto", 4096, k) for k in ("swiglu", "rows", "swiglu_scaled")] == \
         ["pallas", "pallas", "xla"]
     monkeypatch.setenv("KILN_ACT_QUANT_KINDS", "rows,norms")
     with pytest.raises(ConfigError, match="KILN_ACT_QUANT_KINDS names unknown kinds norms"):
@@ -105,6 +113,8 @@ def test_dispatch(monkeypatch):
         aq.resolve_impl("auto", 4096, "rows")
     with pytest.raises(ValueError, match="unknown activation kind"):
         aq.act_quant("gelu", jnp.ones((2, 64)))
+    with pytest.raises(ValueError, match="swiglu has no residual sum"):
+        aq.act_quant("swiglu", jnp.ones((2, 2, 64)), impl="interpret", with_sum=True)
 
 
 def test_fp8_model_kernel_equals_xla(ckpt, monkeypatch):
@@ -122,10 +132,12 @@ def test_fp8_model_kernel_equals_xla(ckpt, monkeypatch):
     monkeypatch.setenv("KILN_ACT_QUANT", "interpret")
     calls = []
     kernel = aq.act_quant_pallas
-    monkeypatch.setattr(aq, "act_quant_pallas", lambda kind, *a, **kw: calls.append(kind) or kernel(kind, *a, **kw))
+    monkeypatch.setattr(aq, "act_quant_pallas", lambda kind, *a, **kw: calls.append(
+        kind + "+sum" * kw.get("with_sum", False)) or kernel(kind, *a, **kw))
     assert _greedy(g, p, prompt, 5) == want
     layers = graph.meta["num_layers"]
-    # the norms after o_proj and down read those W8A8 products unscaled, as SwiGLU reads gate_up's
-    per_step = ["rms_norm", "rows", "add_rms_norm_scaled", "swiglu_scaled"] + [
-        "add_rms_norm_scaled", "rows", "add_rms_norm_scaled", "swiglu_scaled"] * (layers - 1)
+    # the norms after o_proj and down read those W8A8 products unscaled, as SwiGLU reads gate_up's,
+    # and write the residual sum too (the final norm's as well: its fp8 output unread there)
+    norm = "add_rms_norm_scaled+sum"
+    per_step = ["rms_norm", "rows", norm, "swiglu_scaled"] + [norm, "rows", norm, "swiglu_scaled"] * (layers - 1) + [norm]
     assert calls and len(calls) % len(per_step) == 0 and sorted(calls[:len(per_step)]) == sorted(per_step)

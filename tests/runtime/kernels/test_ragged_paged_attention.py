@@ -181,6 +181,29 @@ def test_write_kv_fp8_scales_and_padding():
     assert np.all(flat_v[:, untouched] == 0)  # the padding token (slot -1) wrote nothing
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float32"])
+def test_write_kv_as_words_equals_elements(monkeypatch, dtype):
+    """KILN_KV_WRITE=words scatters each row as 32-bit words: the same pools as the element
+    scatter, bit for bit (padding dropped, existing contents kept); unknown modes are refused."""
+    rng = np.random.default_rng(3)
+    pool = jnp.asarray(rng.standard_normal((2, 6, 4, 16)), jnp.float32).astype(dtype)
+    k, v = (jnp.asarray(rng.standard_normal((5, 2, 16)) * 2, jnp.bfloat16) for _ in range(2))
+    slots = jnp.asarray([3, -1, 22, 7, 0], jnp.int32)
+    scales = dict(k_scale=0.5, v_scale=2.0) if dtype.startswith("float8") else {}
+    got = {}
+    for mode in attn.KV_WRITES:
+        monkeypatch.setenv("KILN_KV_WRITE", mode)
+        assert attn._kv_write_words(pool.dtype, 16) == (mode == "words" and dtype != "float32")
+        got[mode] = [np.asarray(p).view(np.uint8) for p in jax.jit(
+            lambda kp, vp: attn.write_kv(kp, vp, k, v, slots, **scales))(pool, pool)]
+    for a, b in zip(got["words"], got["elements"]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(got["words"][0], np.asarray(pool).view(np.uint8))  # something was written
+    monkeypatch.setenv("KILN_KV_WRITE", "bytes")
+    with pytest.raises(ConfigError, match="KILN_KV_WRITE='bytes'"):
+        attn.write_kv(pool, pool, k, v, slots, **scales)
+
+
 def test_lowers_to_triton_for_the_gpu():
     """The kernel lowers through Pallas' Triton backend (no GPU needed to lower): decode
     split-K, prefill with window and soft-cap, FP8 pools, serving decode and fp8 prefill in token layout."""
