@@ -71,11 +71,7 @@ class ActQuantConfig:
     num_stages: int = 1
 
 
-def _default_config(k: int, kind: str = "rows") -> ActQuantConfig:
-    # H100, BENCHMARKS.md session 10 (bench_act_quant.py --sweep): add_rms_norm_scaled with the sum
-    # at K = 4096 takes 18.8 / 50.4 us at 512 / 4096 rows with 2 warps against 23.1 / 52.7 with 4
-    if kind == "add_rms_norm_scaled" and k <= 4096:
-        return ActQuantConfig(block_rows=1, num_warps=2)
+def _default_config(k: int) -> ActQuantConfig:
     return ActQuantConfig(block_rows=1, num_warps=4 if k <= 4096 else 8)
 
 
@@ -184,7 +180,7 @@ def act_quant_pallas(kind: str, *xs, eps: float = 0.0, offset: float = 0.0, conf
 
     m, k = xs[0].shape[0], xs[0].shape[-1]
     chunk, chunks = _chunking(k)
-    cfg = config or _default_config(k, kind)
+    cfg = config or _default_config(k)
     br = cfg.block_rows
     mp = -(-m // br) * br
     acts = [jnp.pad(x, [(0, mp - m)] + [(0, 0)] * (x.ndim - 1)) if mp > m else x for x in xs[:ROWED[kind]]]
