@@ -28,12 +28,19 @@ from bench_attention import bench, ceilings  # noqa: E402
 from kiln.runtime.kernels import act_quant as aq  # noqa: E402
 
 E, F, LAYERS = 4096, 14336, 32
-KINDS = [("rms_norm", E), ("add_rms_norm", E), ("rows", E), ("swiglu", F), ("swiglu_scaled", F)]
+KINDS = [("rms_norm", E), ("add_rms_norm", E), ("rows", E), ("swiglu", F), ("swiglu_scaled", F),
+         ("add_rms_norm_scaled+sum", E)]  # +sum: the residual sum written as well (with_sum)
 CONFIGS = [aq.ActQuantConfig(br, w) for br, w in ((1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8))]
 
 
 def inputs(kind, m, k, i):
     key = jax.random.PRNGKey(i)
+    if kind.startswith("add_rms_norm_scaled"):  # o_proj's / down's unscaled W8A8 output, r, its scales, w
+        return [jax.random.normal(key, (m, k), jnp.bfloat16) * 100,
+                jax.random.normal(jax.random.fold_in(key, 3), (m, k), jnp.bfloat16) * 3,
+                jax.random.uniform(jax.random.fold_in(key, 1), (m, 1)) * 0.05,
+                jax.random.uniform(jax.random.fold_in(key, 2), (k,)) * 0.01,
+                jax.random.normal(jax.random.fold_in(key, 9), (k,), jnp.bfloat16) * 0.2 + 1]
     if kind == "swiglu":
         return [jax.random.normal(key, (m, 2, k), jnp.bfloat16)]
     if kind == "swiglu_scaled":  # a W8A8 GEMM's unscaled output and its token / channel scales
@@ -48,23 +55,26 @@ def inputs(kind, m, k, i):
 def stack_fn(kind, impl, cfg=None):
     if impl == "pallas" and bench_attention.INTERPRET:
         impl = "interpret"
-    kw = dict(eps=1e-5) if kind.endswith("norm") else {}
+    kind, with_sum = kind.removesuffix("+sum"), kind.endswith("+sum")
+    kw = dict(eps=1e-5) if "norm" in kind else {}
+    kw.update(with_sum=True) if with_sum else None
 
     @jax.jit
     def f(sets):
-        return [aq.act_quant(kind, *xs, impl=impl, config=cfg, **kw) for xs in sets]
+        return [aq.act_quant(kind, *xs, impl=impl, config=cfg, **kw)[:2] for xs in sets]
     return f
 
 
 def nbytes(kind, m, k) -> int:
-    read = m * k * 2 * (2 if kind in ("swiglu", "swiglu_scaled", "add_rms_norm") else 1)
-    return read + m * k + m * 4
+    read = m * k * 2 * (1 if kind in ("rms_norm", "rows") else 2)
+    return read + m * k + m * 4 + m * k * 2 * kind.endswith("+sum")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="256,512,2048,4096")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--kinds", default=",".join(k for k, _ in KINDS))
     a = ap.parse_args()
     if jax.default_backend() != "gpu":  # a dry run of the script: the kernel in interpret mode, tiny sizes
         bench_attention.INTERPRET = True
@@ -74,10 +84,10 @@ def main():
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, **ceilings(), "rows": []}
     print(f"{res['device']}: copy {res['copy_GBps']:.0f} GB/s", flush=True)
     for m in [int(x) for x in a.ms.split(",")]:
-        for kind, k in KINDS:
+        for kind, k in [(kd, k) for kd, k in KINDS if kd in a.kinds.split(",")]:
             sets = [inputs(kind, m, k, i) for i in range(LAYERS)]
             row = {"M": m, "kind": kind, "K": k, "MB": nbytes(kind, m, k) / 1e6}
-            q0, s0 = aq.act_quant_reference(kind, *sets[0], **(dict(eps=1e-5) if kind.endswith("norm") else {}))
+            q0, s0 = stack_fn(kind, "xla")([sets[0]])[0]
             q1, s1 = stack_fn(kind, "pallas")([sets[0]])[0]
             c0, c1 = np.asarray(q0).view(np.uint8).astype(int), np.asarray(q1).view(np.uint8).astype(int)
             row["codes_differ"] = float((c0 != c1).mean())
