@@ -102,7 +102,8 @@ def main():
 
     timed(eng.scheduler, "schedule", "schedule")
     timed(eng.builder, "build", "build")
-    timed(run, "execute", "execute")
+    timed(run, "execute", "execute")  # on the dispatch thread where the engine submits (runner.py)
+    timed(run, "submit", "submit")
     timed(run, "read", "read")
     timed(eng, "_process", "process")
     timed(eng, "_output", "output")
@@ -128,7 +129,7 @@ def main():
         if not rows:
             return {}
         out = {"n": len(rows)}
-        for k in ("step", "schedule", "build", "execute", "read", "process", "output"):
+        for k in ("step", "schedule", "build", "submit", "execute", "read", "process", "output"):
             out[k + "_ms"] = statistics.median(r.get(k, 0.0) for r in rows) * 1e3
         out["process_minus_read_ms"] = statistics.median(r.get("process", 0) - r.get("read", 0) for r in rows) * 1e3
         out["sum_ms"] = sum(r.get("step", 0) for r in rows) * 1e3

@@ -1,7 +1,7 @@
 """The engine loop: requests in, outputs out, one scheduled step at a time.
 
     add_request / abort ──► intake (thread-safe) ──► step():
-        schedule step N  ─► build its host arrays ─► runner.execute (returns at once)
+        schedule step N  ─► build its host arrays ─► runner.submit (returns at once; a dispatch thread enqueues it)
         read back step N-1's samples (the device is already busy with N) ─► resolve tokens,
         detokenize, check stops, free finished sequences ─► RequestOutputs
 
@@ -145,8 +145,9 @@ class Engine:
         self._drain(touched)
         plan = self.scheduler.schedule()
         handle = None
-        if plan.chunks:
-            handle = (plan, self.runner.execute(self.builder.build(plan)))
+        if plan.chunks:  # overlapped: the runner's dispatch thread enqueues it while step N-1 resolves below
+            run = self.runner.submit if self.overlap and hasattr(self.runner, "submit") else self.runner.execute
+            handle = (plan, run(self.builder.build(plan)))
         if self._inflight is not None:
             self._process(*self._inflight, touched)
         self._inflight = handle

@@ -8,14 +8,25 @@ prepares step N+1 while step N runs, and a decode token sampled by step N reache
 N+1 on the device (`from_prev`), never through the host. `read` copies a step's samples
 back (started early with `copy_to_host_async`) and blocks only on that step.
 
+`submit` is `execute` on the runner's dispatch thread. Dispatching a compiled step is not
+free: XLA enqueues its ~500 kernels from the calling thread before the call returns (3-4.6 ms
+for the 8B step on the H100 hosts, BENCHMARKS.md session 6), time in which the engine
+cannot resolve the previous step's samples or plan the next one. From its own thread the
+enqueue runs beside that Python work (jax releases the GIL while it executes a call); steps
+still run in submission order, one thread owning the cache and the previous step's tokens.
+Off unless `KILN_DISPATCH_THREAD=1`: not yet measured on a GPU (on the 2-core CPU, where the
+"device" is the same cores, a tiny model ran 5% slower with it).
+
 Params arrive already placed (a pass pipeline or a sharding plan may have transformed and
 sharded them); a sharding plan passes its own step function and KV-pool allocator.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -250,9 +261,21 @@ class Runner:
             a.copy_to_host_async()
         return StepHandle(batch, out)
 
+    def submit(self, batch: StepBatch) -> StepHandle | Future:
+        """`execute` on the dispatch thread (module doc): returns at once, a Future of the step's
+        handle that `read` accepts. Steps run in submission order; while any is pending, only
+        `submit` and `read` may touch the runner. Inline unless `KILN_DISPATCH_THREAD=1`."""
+        if os.environ.get("KILN_DISPATCH_THREAD", "0") != "1":
+            return self.execute(batch)
+        if getattr(self, "_dispatcher", None) is None:
+            self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix="kiln-dispatch")
+        return self._dispatcher.submit(lambda: self.execute(batch))  # self.execute read late: wrappers apply
+
     @staticmethod
-    def read(handle: StepHandle) -> dict[str, np.ndarray]:
+    def read(handle: StepHandle | Future) -> dict[str, np.ndarray]:
         """The step's samples on the host (waits for that step only)."""
+        if isinstance(handle, Future):
+            handle = handle.result()  # re-raises what the dispatch raised
         return {k: np.asarray(v) for k, v in handle.out.items()}
 
     def _warmup_batches(self, blocks: int | None = None) -> list[StepBatch]:

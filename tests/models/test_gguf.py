@@ -77,7 +77,9 @@ def test_f32_weights_equal_the_hf_model(llama_files):
 
 def test_every_type_equals_transformers(llama_files):
     """Logits of each block type's file within 1e-4 of transformers reading the same file; one
-    compiled step serves them all (same graph, new params)."""
+    compiled step serves them all (same graph, new params). Transformers computes in float64:
+    with transformers 5.24 its own float32 forward of the Q6_K file is 2.2e-4 from its float64
+    one, where Kiln's float32 is 3.3e-5 from it."""
     _, files = llama_files
     stepper = None
     for t in TYPES:
@@ -88,7 +90,7 @@ def test_every_type_equals_transformers(llama_files):
             stepper = Stepper(graph, params, blocks_per_seq=4)  # 16 tokens each, a table per type
         stepper.params = params
         got = stepper.step([SeqChunk(IDS, 0, stepper.new_table(), all_logits=True)])[0]
-        ref = hf_logits(_hf_from_gguf(files[t]), IDS)
+        ref = hf_logits(_hf_from_gguf(files[t]).double(), IDS)
         assert _rel_err(got, ref) < 1e-4, t
 
 

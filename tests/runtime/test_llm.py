@@ -77,6 +77,47 @@ def test_seeded_sampling_alone_equals_batched(llm):
     assert together[0].outputs[0].token_ids != greedy  # it really sampled
 
 
+def test_dispatch_thread_equals_inline_and_reraises(llm, monkeypatch):
+    """Steps dispatched from the runner's dispatch thread (KILN_DISPATCH_THREAD=1, runtime/runner.py)
+    give the tokens of inline dispatch, with sampling and preemptions in the mix; an error raised
+    there reaches the caller."""
+    import threading
+
+    ps = prompts([5, 33, 12, 40, 2, 27, 19, 8], seed=9)
+    sps = [SamplingParams(max_tokens=18, temperature=0.8 if i % 2 else 0.0, seed=i) for i in range(len(ps))]
+    run, threads = llm.runner, set()
+    execute = run.execute
+
+    def spy(batch):
+        threads.add(threading.current_thread().name)
+        return execute(batch)
+
+    monkeypatch.setattr(run, "execute", spy)
+    monkeypatch.setenv("KILN_DISPATCH_THREAD", "1")
+    before = llm.stats().preemptions
+    threaded = [o.outputs[0].token_ids for o in llm.generate(ps, sps, use_tqdm=False)]
+    assert threads and all(t.startswith("kiln-dispatch") for t in threads)
+    assert llm.stats().preemptions > before
+    monkeypatch.setenv("KILN_DISPATCH_THREAD", "0")
+    threads.clear()
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sps, use_tqdm=False)] == threaded
+    assert threads == {threading.current_thread().name}
+    monkeypatch.setenv("KILN_DISPATCH_THREAD", "1")
+
+    def fail(batch):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(run, "execute", fail)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate(ps[:1], sps[0])
+    monkeypatch.setattr(run, "execute", execute)
+    eng = llm.engine  # the failed request is left behind: clear it for the leak check
+    eng._inflight, run._prev_step = None, -1
+    for rid in list(eng._groups):
+        eng.abort(rid)
+    eng.step()
+
+
 def test_n_completions(llm):
     p = prompts([13], seed=6)[0]
     out = llm.generate([p], SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=3))[0]
