@@ -3,6 +3,8 @@
     python3 benchmarks/probe_engine_loop.py [--quant fp8 --kv-cache-dtype fp8] [--isl 128 --osl 128 --num-requests 1024]
     python3 benchmarks/probe_engine_loop.py --latency --num-requests 2 --osl 512 [--split-k-in-place]  # batch 1
     python3 benchmarks/probe_engine_loop.py --tile-layout | --prefetch-pages | --attention-config 32/2/2  # A/B
+    python3 benchmarks/probe_engine_loop.py --quant fp8 --kv-cache-dtype fp8 \
+        --variant inline:KILN_DISPATCH_THREAD=0 --variant thread:KILN_DISPATCH_THREAD=1   # one engine, alternating
 
 Builds the engine as `bench_e2e.py` does (random llama-3-8b, 512 sequences / 4096 tokens per
 step), runs `kiln bench`'s throughput workload once (warm-up and compiles), then runs it again
@@ -36,6 +38,10 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-tokens", type=int, default=4096)
     ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:ENV=VALUE,...",
+                    help="timed runs per variant on the one engine, alternating (as ab_step.py; for variables read "
+                         "per step, e.g. inline:KILN_DISPATCH_THREAD=0 thread:KILN_DISPATCH_THREAD=1)")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--latency", action="store_true",
                     help="one request at a time (kiln bench's latency mode; e.g. --num-requests 2 --osl 512)")
     ap.add_argument("--tile-layout", action="store_true",
@@ -118,12 +124,7 @@ def main():
         return out
     eng.step = step_wrapper
 
-    reqs = bench.synthetic_requests(a.num_requests, a.isl, a.osl, llm.runner.graph.meta.get("vocab_size", 32000), seed=7)
-    t = time.perf_counter()
-    res = (bench.run_latency if a.latency else bench.run_throughput)(llm, reqs)
-    wall = time.perf_counter() - t
-    eng.step = step
-    print("timed run", json.dumps(res), flush=True)
+    seeds = iter(range(7, 1000))  # fresh prompts for every timed run: no prefix-cache hits across runs
 
     def summary(rows):
         if not rows:
@@ -136,14 +137,41 @@ def main():
         out["read_sum_ms"] = sum(r.get("read", 0) for r in rows) * 1e3
         return out
 
-    decode = [r for r in rec if r.get("seqs") and r.get("real") == r.get("seqs")]
-    mixed = [r for r in rec if r.get("seqs") and r.get("real", 0) > r.get("seqs", 0)]
-    rep = {"wall_s": wall, "steps": len(rec), "results": res, "decode": summary(decode), "mixed": summary(mixed),
-           "decode_shapes": collections.Counter(r["tokens"] for r in decode).most_common(4),
-           "host_outside_read_ms_total": sum(r["step"] - r.get("read", 0) for r in rec) * 1e3}
-    for k in ("decode", "mixed"):
-        print(k, json.dumps({x: (round(v, 3) if isinstance(v, float) else v) for x, v in rep[k].items()}), flush=True)
-    print("wall", round(wall, 3), "steps", len(rec), "host outside read (s)", round(rep["host_outside_read_ms_total"] / 1e3, 3))
+    def timed_run(label: str) -> dict:
+        rec.clear()
+        reqs = bench.synthetic_requests(a.num_requests, a.isl, a.osl, llm.runner.graph.meta.get("vocab_size", 32000),
+                                        seed=next(seeds))
+        t = time.perf_counter()
+        res = (bench.run_latency if a.latency else bench.run_throughput)(llm, reqs)
+        wall = time.perf_counter() - t
+        print(f"timed run {label}", json.dumps(res), flush=True)
+        decode = [r for r in rec if r.get("seqs") and r.get("real") == r.get("seqs")]
+        mixed = [r for r in rec if r.get("seqs") and r.get("real", 0) > r.get("seqs", 0)]
+        rep = {"wall_s": wall, "steps": len(rec), "results": res, "decode": summary(decode), "mixed": summary(mixed),
+               "decode_shapes": collections.Counter(r["tokens"] for r in decode).most_common(4),
+               "host_outside_read_ms_total": sum(r["step"] - r.get("read", 0) for r in rec) * 1e3}
+        for k in ("decode", "mixed"):
+            print(k, json.dumps({x: (round(v, 3) if isinstance(v, float) else v) for x, v in rep[k].items()}), flush=True)
+        print("wall", round(wall, 3), "steps", len(rec), "host outside read (s)",
+              round(rep["host_outside_read_ms_total"] / 1e3, 3), flush=True)
+        return rep
+
+    if not a.variant:
+        rep = timed_run("")
+    else:  # the same engine, variants alternating: environment variables read per step (KILN_DISPATCH_THREAD)
+        from ab_step import parse_variant, set_env
+
+        variants = [parse_variant(v) for v in a.variant]
+        base_env = {k: os.environ.get(k) for _, e in variants for k in e}
+        rep = {"runs": []}
+        for r in range(a.rounds):
+            for name, env in variants:
+                set_env(env, base_env)
+                rep["runs"].append({"variant": name, "round": r, **timed_run(f"{name} (round {r})")})
+        rep["out_tok_s"] = {name: [x["results"]["output_tokens_per_s"] for x in rep["runs"] if x["variant"] == name]
+                            for name, _ in variants}
+        print("out tok/s per variant", json.dumps(rep["out_tok_s"]), flush=True)
+    eng.step = step
     with open(os.path.join(os.environ.get("OUT", "."), "engine_loop.json"), "w") as f:
         json.dump(rep, f, indent=1)
 

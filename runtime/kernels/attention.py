@@ -72,10 +72,17 @@ def write_kv(k_pool, v_pool, k, v, slot_mapping, *, k_scale=None, v_scale=None):
         new = new.astype(pool.dtype)
         flat = pool.reshape(kvh, nb * bs, d)
         if words:  # the rows as 32-bit words: a quarter (fp8) or half (bf16) of the elements to scatter
-            r = 4 // pool.dtype.itemsize
-            as_words = lambda a: jax.lax.bitcast_convert_type(a.reshape(a.shape[:-1] + (d // r, r)), jnp.uint32)
-            flat = as_words(flat).at[:, slots].set(as_words(new), mode="drop")
-            flat = jax.lax.bitcast_convert_type(flat, pool.dtype)
+            size = pool.dtype.itemsize
+            r = 4 // size
+            as_words = jax.lax.bitcast_convert_type(flat.reshape(kvh, nb * bs, d // r, r), jnp.uint32)
+            # the new rows' words by shifts, not a bitcast that changes the element size: elementwise
+            # ops XLA can fuse into the scatter (a size-changing bitcast is a fusion of its own)
+            u = jax.lax.bitcast_convert_type(new, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+            u = u.reshape(u.shape[:-1] + (d // r, r))
+            w = u[..., 0]
+            for i in range(1, r):  # little-endian, as the pool's bitcast: element i in bits [8*size*i, ...)
+                w = w | (u[..., i] << (8 * size * i))
+            flat = jax.lax.bitcast_convert_type(as_words.at[:, slots].set(w, mode="drop"), pool.dtype)
         else:
             flat = flat.at[:, slots].set(new, mode="drop")
         return flat.reshape(kvh, nb, bs, d)
