@@ -239,17 +239,19 @@ class Engine:
             return None
         outs = []
         delta = g.kind == "delta"
-        for i, s in enumerate(g.seqs):
+        sent = g.sent_tokens
+        for i, s in enumerate(g.seqs):  # the per-request work of every streamed step: kept lean
             d = g.detoks[i]
+            want_lps = s.params.logprobs is not None
             if delta:  # only what is new: no copy of the whole output per step
-                a = g.sent_tokens[i]
+                a = sent[i]
                 toks = s.output_tail(a)
-                g.sent_tokens[i] = a + len(toks)
-                text, lps = d.delta() if d.tokenizer is not None else "", s.logprobs[a:]
+                sent[i] = a + len(toks)
+                text = d.delta() if d.tokenizer is not None else ""
+                lps = s.logprobs[a:] if want_lps else None
             else:
-                text, toks, lps = d.text, s.output_token_ids, s.logprobs
-            outs.append(CompletionOutput(i, text, toks, s.finish_reason,
-                                         lps if s.params.logprobs is not None else None))
+                text, toks, lps = d.text, s.output_token_ids, s.logprobs if want_lps else None
+            outs.append(CompletionOutput(i, text, toks, s.finish_reason, lps))
         return RequestOutput(g.request_id, g.prompt, g.prompt_ids, outs, done, g.seqs[0].num_cached_tokens)
 
     # -- statistics
