@@ -91,6 +91,7 @@ class Runner:
         self._allocate_kv = allocate_kv or (lambda n, bs, dt: allocate_kv_cache(graph, n, bs, dt))
         self.kv_shards = kv_shards
         self.set_compiler_options(compiler_options, small_step_options)
+        self._dispatcher: ThreadPoolExecutor | None = None  # `submit`'s thread, started on first use
         self._given_activation_bytes = activation_bytes  # measured elsewhere (LLM, beside the load)
         self._compiled: set = set()
         self._executables: dict = {}   # shape key -> compiled step (fetched from the persistent cache if there)
@@ -267,7 +268,7 @@ class Runner:
         `submit` and `read` may touch the runner. Inline unless `KILN_DISPATCH_THREAD=1`."""
         if os.environ.get("KILN_DISPATCH_THREAD", "0") != "1":
             return self.execute(batch)
-        if getattr(self, "_dispatcher", None) is None:
+        if self._dispatcher is None:
             self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix="kiln-dispatch")
         return self._dispatcher.submit(lambda: self.execute(batch))  # self.execute read late: wrappers apply
 
