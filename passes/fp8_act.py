@@ -99,17 +99,20 @@ def _raw_product(ctx, y):
     return note[1:] if note is not None and note[0] is y else None
 
 
-def _sum_key(x, r, w, eps, offset) -> tuple:
-    return ("add_rms_norm_scaled", id(x), id(r), id(w), eps, offset)
-
-
 def fused_residual_sum(ctx, x, r, w, *, eps, offset=0.0):
     """For add_rms_norm(x, r, w) where x or r is a W8A8 product (o_proj, down) and the
-    `add_rms_norm_scaled` kernel is selected: the residual sum x + r from that kernel, which
-    quantizes the normed sum in the same pass (kept in ctx.notes for add_rms_norm_fp8, lowered
-    after it) -> the sum, or None. One kernel then reads the unscaled product and the residual
-    once and writes the sum and the fp8 activation; XLA's path would form the sum in a fusion of
-    its own and the norm's quantization in others."""
+    `add_rms_norm_scaled` kernel is selected: (the residual sum x + r, the fp8 activation of the
+    normed sum) from that one kernel, else None. It reads the unscaled product and the residual
+    once and writes both; XLA's path would form the sum in a fusion of its own and the norm's
+    quantization in others. Made once per (x, r, w) and kept in ctx.notes: the sum's lowering
+    (add_rms_norm) and the activation's (add_rms_norm_fp8) both ask."""
+    notes = getattr(ctx, "notes", None)
+    if notes is None:
+        return None
+    key = ("add_rms_norm_scaled", id(x), id(r), id(w), eps, offset)
+    hit = notes.get(key)
+    if hit is not None and hit[0] is x and hit[1] is r and hit[2] is w:
+        return hit[3]
     impl = _act_impl(ctx)
     if act_quant.resolve_impl(impl, x.shape[-1], "add_rms_norm_scaled") == "xla":
         return None
@@ -120,21 +123,20 @@ def fused_residual_sum(ctx, x, r, w, *, eps, offset=0.0):
             # the same either way round)
             q, s, total = act_quant.act_quant("add_rms_norm_scaled", raw[0], other, *raw[1:], w, eps=eps,
                                               offset=offset, impl=impl, with_sum=True)
-            ctx.notes[_sum_key(x, r, w, eps, offset)] = (x, r, w, QAct(q, s))
-            return total
+            notes[key] = (x, r, w, (total, QAct(q, s)))
+            return total, QAct(q, s)
     return None
 
 
 def _add_rms_norm_fp8_lower(ctx, x, r, w, *, eps, offset=0.0, min_tokens=None):
-    # the residual sum itself is read through part(add_rms_norm(..), 0), lowered first: where
-    # that lowering ran the add_rms_norm_scaled kernel (fused_residual_sum), its fp8 output is here
+    # the residual sum itself is read through part(add_rms_norm(..), 0)
     if not runs_w8a8(_rows(x), min_tokens, _act_impl(ctx)):
         from kiln.passes.ops import add_rms_norm_values
 
         return add_rms_norm_values(ctx, x, r, w, eps=eps, offset=offset)[1]
-    hit = getattr(ctx, "notes", {}).get(_sum_key(x, r, w, eps, offset))
-    if hit is not None and hit[0] is x and hit[1] is r and hit[2] is w:
-        return hit[3]
+    fused = fused_residual_sum(ctx, x, r, w, eps=eps, offset=offset)
+    if fused is not None:  # over a W8A8 product: the kernel that wrote the sum quantized this too
+        return fused[1]
     # the kernel, where selected, forms x + r again from its inputs (one more read of r, no round
     # trip of the sum)
     return QAct(*act_quant.act_quant("add_rms_norm", x, r, w, eps=eps, offset=offset, impl=_act_impl(ctx)))

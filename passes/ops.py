@@ -91,9 +91,10 @@ def add_rms_norm_values(ctx, x, r, w, *, eps, offset=0.0):
         return hit[3]
     from kiln.passes.fp8_act import fused_residual_sum
 
-    total = fused_residual_sum(ctx, x, r, w, eps=eps, offset=offset) if hasattr(ctx, "notes") else None
-    if total is not None:  # W8A8 model: the sum from the kernel that also quantizes the norm; the norm
-        res = (total, rn.rms_norm(total, w, eps=eps, offset=offset, impl="xla"))  # here is XLA's, dead if unread
+    fused = fused_residual_sum(ctx, x, r, w, eps=eps, offset=offset)
+    if fused is not None:  # W8A8 model: the sum from the kernel that also quantizes the norm; the
+        # norm here is XLA's, dead unless something else reads it
+        res = (fused[0], rn.rms_norm(fused[0], w, eps=eps, offset=offset, impl="xla"))
     else:
         res = rn.rms_norm(x, w, r, eps=eps, offset=offset, impl=norm_impl(ctx))
     notes[key] = (x, r, w, res)

@@ -1,7 +1,8 @@
 """The engine loop: requests in, outputs out, one scheduled step at a time.
 
     add_request / abort ──► intake (thread-safe) ──► step():
-        schedule step N  ─► build its host arrays ─► runner.submit (returns at once; a dispatch thread enqueues it)
+        schedule step N  ─► build its host arrays ─► runner.submit (returns at once; with
+                            KILN_DISPATCH_THREAD=1 a thread of the runner enqueues it)
         read back step N-1's samples (the device is already busy with N) ─► resolve tokens,
         detokenize, check stops, free finished sequences ─► RequestOutputs
 
@@ -145,7 +146,7 @@ class Engine:
         self._drain(touched)
         plan = self.scheduler.schedule()
         handle = None
-        if plan.chunks:  # overlapped: the runner's dispatch thread enqueues it while step N-1 resolves below
+        if plan.chunks:  # overlapped: dispatched (on the runner's thread, if on) while step N-1 resolves below
             run = self.runner.submit if self.overlap and hasattr(self.runner, "submit") else self.runner.execute
             handle = (plan, run(self.builder.build(plan)))
         if self._inflight is not None:

@@ -31,8 +31,8 @@ all; `KILN_ACT_QUANT_KINDS=swiglu_scaled,add_rms_norm_scaled,rows` for those). M
 tokens and 1.7% at 512; `rows` (o_proj's input) no faster than XLA.
 Measured on the H100 (BENCHMARKS.md, session 5): alone the kernel is 1.2-1.9x faster than
 XLA's lowering of the same op, but fed the scaled GEMM output inside the fp8 step it made the
-step slower (decode 11.08 -> 11.23 ms of kernels, 2048-token step 32.8 -> 34.2 ms): XLA had fused the W8A8 GEMM's scaling epilogue (and the residual add) into its own
-quantization fusions, and a custom call as the consumer makes XLA write the scaled output out
+step slower (decode 11.08 -> 11.23 ms of kernels, 2048-token step 32.8 -> 34.2 ms): XLA had
+fused the W8A8 GEMM's scaling epilogue (and the residual add) into its own quantization fusions, and a custom call as the consumer makes XLA write the scaled output out
 first (an extra pass over [M, 28672] per layer). `swiglu_scaled` takes the raw GEMM output and
 the two scale vectors itself, so nothing is written in between; `add_rms_norm_scaled` does the
 same for the norms after o_proj and down (XLA's path takes three passes over the product and
