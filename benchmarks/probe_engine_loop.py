@@ -5,6 +5,8 @@
     python3 benchmarks/probe_engine_loop.py --tile-layout | --prefetch-pages | --attention-config 32/2/2  # A/B
     python3 benchmarks/probe_engine_loop.py --quant fp8 --kv-cache-dtype fp8 \
         --variant inline:KILN_DISPATCH_THREAD=0 --variant thread:KILN_DISPATCH_THREAD=1   # one engine, alternating
+    python3 benchmarks/probe_engine_loop.py --quant fp8 --kv-cache-dtype fp8 \
+        --variant gc:KILN_FREEZE_HEAP=0 --variant frozen:KILN_FREEZE_HEAP=1   # the collector's pauses (each run reports them)
 
 Builds the engine as `bench_e2e.py` does (random llama-3-8b, 512 sequences / 4096 tokens per
 step), runs `kiln bench`'s throughput workload once (warm-up and compiles), then runs it again
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import statistics
@@ -124,6 +127,15 @@ def main():
         return out
     eng.step = step_wrapper
 
+    gcs: list[tuple[int, float]] = []  # (generation, seconds) of each collection during a timed run
+
+    def on_gc(phase, info):
+        if phase == "start":
+            on_gc.t = time.perf_counter()
+        elif hasattr(on_gc, "t"):
+            gcs.append((info["generation"], time.perf_counter() - on_gc.t))
+    gc.callbacks.append(on_gc)
+
     seeds = iter(range(7, 1000))  # fresh prompts for every timed run: no prefix-cache hits across runs
 
     def summary(rows):
@@ -132,6 +144,8 @@ def main():
         out = {"n": len(rows)}
         for k in ("step", "schedule", "build", "submit", "execute", "read", "process", "output"):
             out[k + "_ms"] = statistics.median(r.get(k, 0.0) for r in rows) * 1e3
+        steps = sorted(r.get("step", 0.0) for r in rows)
+        out["step_p90_ms"], out["step_max_ms"] = steps[int(0.9 * (len(steps) - 1))] * 1e3, steps[-1] * 1e3
         out["process_minus_read_ms"] = statistics.median(r.get("process", 0) - r.get("read", 0) for r in rows) * 1e3
         out["sum_ms"] = sum(r.get("step", 0) for r in rows) * 1e3
         out["read_sum_ms"] = sum(r.get("read", 0) for r in rows) * 1e3
@@ -139,6 +153,7 @@ def main():
 
     def timed_run(label: str) -> dict:
         rec.clear()
+        gcs.clear()
         reqs = bench.synthetic_requests(a.num_requests, a.isl, a.osl, llm.runner.graph.meta.get("vocab_size", 32000),
                                         seed=next(seeds))
         t = time.perf_counter()
@@ -149,11 +164,15 @@ def main():
         mixed = [r for r in rec if r.get("seqs") and r.get("real", 0) > r.get("seqs", 0)]
         rep = {"wall_s": wall, "steps": len(rec), "results": res, "decode": summary(decode), "mixed": summary(mixed),
                "decode_shapes": collections.Counter(r["tokens"] for r in decode).most_common(4),
-               "host_outside_read_ms_total": sum(r["step"] - r.get("read", 0) for r in rec) * 1e3}
+               "host_outside_read_ms_total": sum(r["step"] - r.get("read", 0) for r in rec) * 1e3,
+               "gc": {f"gen{g}": {"n": sum(1 for x in gcs if x[0] == g),
+                                  "ms": round(sum(t for x, t in gcs if x == g) * 1e3, 2),
+                                  "max_ms": round(max([t for x, t in gcs if x == g], default=0.0) * 1e3, 2)}
+                      for g in range(3)}}
         for k in ("decode", "mixed"):
             print(k, json.dumps({x: (round(v, 3) if isinstance(v, float) else v) for x, v in rep[k].items()}), flush=True)
         print("wall", round(wall, 3), "steps", len(rec), "host outside read (s)",
-              round(rep["host_outside_read_ms_total"] / 1e3, 3), flush=True)
+              round(rep["host_outside_read_ms_total"] / 1e3, 3), "gc", json.dumps(rep["gc"]), flush=True)
         return rep
 
     if not a.variant:
