@@ -1,7 +1,7 @@
 """Where an engine step's wall time goes on the host, in a throughput run on one GPU.
 
     python3 benchmarks/probe_engine_loop.py [--quant fp8 --kv-cache-dtype fp8] [--isl 128 --osl 128 --num-requests 1024]
-    python3 benchmarks/probe_engine_loop.py --latency --num-requests 2 --osl 512 [--split-k-in-place]  # batch 1
+    python3 benchmarks/probe_engine_loop.py --latency --num-requests 2 --osl 512 [--split-k-tile-layout]  # batch 1
     python3 benchmarks/probe_engine_loop.py --tile-layout | --prefetch-pages | --attention-config 32/2/2  # A/B
     python3 benchmarks/probe_engine_loop.py --quant fp8 --kv-cache-dtype fp8 \
         --variant inline:KILN_DISPATCH_THREAD=0 --variant thread:KILN_DISPATCH_THREAD=1   # one engine, alternating
@@ -49,8 +49,8 @@ def main():
                     help="one request at a time (kiln bench's latency mode; e.g. --num-requests 2 --osl 512)")
     ap.add_argument("--tile-layout", action="store_true",
                     help="attention through the q relayout / tile outputs / gather (in_place=False): an A/B")
-    ap.add_argument("--split-k-in-place", action="store_true",
-                    help="split-K attention (batch 1) with its partials in token layout (in_place_split_k=True)")
+    ap.add_argument("--split-k-tile-layout", action="store_true",
+                    help="split-K attention (batch 1) with its partials in tile layout, the old default (in_place_split_k=False)")
     ap.add_argument("--prefetch-pages", action="store_true",
                     help="attention key steps read the next step's block-table entries (prefetch_pages=True)")
     ap.add_argument("--attention-config", default=None,
@@ -58,7 +58,7 @@ def main():
     a = ap.parse_args()
 
     from kiln import LLM
-    if a.attention_config or a.tile_layout or a.split_k_in_place or a.prefetch_pages:
+    if a.attention_config or a.tile_layout or a.split_k_tile_layout or a.prefetch_pages:
         import dataclasses
 
         from kiln.runtime.kernels import ragged_paged_attention as rpa
@@ -68,8 +68,8 @@ def main():
             cfg = choose(*args)
             if a.tile_layout:
                 cfg = dataclasses.replace(cfg, in_place=False)
-            if a.split_k_in_place:
-                cfg = dataclasses.replace(cfg, in_place_split_k=True)
+            if a.split_k_tile_layout:
+                cfg = dataclasses.replace(cfg, in_place_split_k=False)
             if a.prefetch_pages:
                 cfg = dataclasses.replace(cfg, prefetch_pages=True)
             if a.attention_config and cfg.splits == 1 and cfg.block_q * 4 <= 16:  # decode-shaped tiles only

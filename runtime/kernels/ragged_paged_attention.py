@@ -60,7 +60,8 @@ class KernelConfig:
     longest_first: bool = True  # grid (kv head, tile reversed): a sequence's last (longest causal) tiles start first
     fp8_f16: bool = True        # fp8 pools with bf16/f16 q: K/V convert to f16 (one native cvt on sm_89+), not bf16
     in_place: bool = True       # splits == 1: q rows read from, outputs written to token layout [T * H, D]
-    in_place_split_k: bool = False  # the same with split-K (partials in token layout): off, no end-to-end gain (H100)
+    in_place_split_k: bool = True   # the same with split-K (partials in token layout; no q pad / relayout): fp8 batch 1
+                                    # on the H100 TPOT 3.73 -> 3.68 ms (BENCHMARKS.md session 11)
     prefetch_pages: bool = False    # each key step reads the next step's block-table entries: off, 0-1% (H100)
 
 
