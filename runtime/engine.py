@@ -61,18 +61,12 @@ class _HeapFreeze:
     trigger mid-run scan only those, not the whole process: one such collection took 27-34 ms
     on the CI CPU with only a tiny model loaded, a pause of the whole step loop each time.
     vLLM freezes its start-up heap the same way. Counted over engines; `gc.unfreeze` once the
-    last one is idle, so garbage from before a run is collected after it. Meanwhile the
-    youngest generation is collected after 10,000 net new container objects, not 700: most of
-    a step's objects die young, and on the CI CPU a 1,024 x 128/128 run's ~560 young
-    collections (41 ms) became 4 (6 ms), the engine's host time 0.58 -> 0.52 s.
-    `KILN_FREEZE_HEAP=0` turns both off, `KILN_GC_GEN0=700` the second alone (A/Bs)."""
-
-    GEN0 = 10_000
+    last one is idle, so garbage from before a run is collected after it. `KILN_FREEZE_HEAP=0`
+    turns it off (an A/B)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._busy = 0
-        self._thresholds = gc.get_threshold()
 
     def enter(self) -> bool:
         if os.environ.get("KILN_FREEZE_HEAP", "1") == "0":
@@ -80,9 +74,6 @@ class _HeapFreeze:
         with self._lock:
             if self._busy == 0:
                 gc.freeze()
-                self._thresholds = gc.get_threshold()
-                gen0 = int(os.environ.get("KILN_GC_GEN0", self.GEN0))
-                gc.set_threshold(max(self._thresholds[0], gen0), *self._thresholds[1:])
             self._busy += 1
         return True
 
@@ -90,7 +81,6 @@ class _HeapFreeze:
         with self._lock:
             self._busy -= 1
             if self._busy == 0:
-                gc.set_threshold(*self._thresholds)
                 gc.unfreeze()
 
 

@@ -178,13 +178,11 @@ def test_heap_frozen_while_any_engine_has_work(monkeypatch):
     from kiln.runtime.engine import HEAP
 
     assert HEAP._busy == 0 and gc.get_freeze_count() == 0, "an engine of an earlier test was left with work"
-    before = gc.get_threshold()
     a, b = make_engine(), make_engine()
     ballast = [[i] for i in range(1000)]  # alive before the run: frozen with the rest
     a.add_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     a.step()
     assert HEAP._busy == 1 and gc.get_freeze_count() >= len(ballast)
-    assert gc.get_threshold()[0] == max(before[0], HEAP.GEN0)
     b.add_request([4, 5], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     b.step()
     while a.has_unfinished():
@@ -192,7 +190,7 @@ def test_heap_frozen_while_any_engine_has_work(monkeypatch):
     assert HEAP._busy == 1 and gc.get_freeze_count() >= len(ballast)  # b still has work
     while b.has_unfinished():
         b.step()
-    assert HEAP._busy == 0 and gc.get_freeze_count() == 0 and gc.get_threshold() == before
+    assert HEAP._busy == 0 and gc.get_freeze_count() == 0
     monkeypatch.setenv("KILN_FREEZE_HEAP", "0")
     outs, _ = run(a, workload(6))
     assert len(outs) == 6 and gc.get_freeze_count() == 0
