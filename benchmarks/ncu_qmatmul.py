@@ -21,6 +21,12 @@ import sys
 import tarfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Under ncu's kernel replay every pass saves and restores the device memory the kernel could write;
+# with jax's default preallocation that is ~60 GB per pass (the likely reason three earlier runs of
+# this script ran past 420 s on one 54 us kernel), so the probe allocates only what it uses, and
+# without XLA's command buffers (CUDA graphs) each kernel is a launch of its own
+ENV = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+       "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()}
 DETAIL = re.compile(r"^\s*(Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per Thread|"
                     r"Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Executed Ipc Active|L1/TEX Hit Rate|"
                     r"L2 Hit Rate|Block Limit Registers|Grid Size|Block Size|Waves Per SM)\s+(\S+)\s+(\S+)")
@@ -64,7 +70,7 @@ def main():
                os.path.join(HERE, "probe_qmatmul.py"), "--mode", mode, "--m", m, "--shape", shape, "--config", cfg,
                "--copies", "2", "--rounds", "2"]
         try:
-            log = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            log = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=ENV)
         except subprocess.TimeoutExpired:
             summary.append(f"== {spec}\n  ncu ran past {a.timeout} s")
             continue
