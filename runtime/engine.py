@@ -58,8 +58,9 @@ class _HeapFreeze:
     """While any engine has work, the objects that were alive when it started (the model, jax's
     and the compiled steps', the tokenizer: about 10^5-10^6 of them) sit in the collector's
     permanent generation (`gc.freeze`), so the full collections that the requests' own objects
-    trigger mid-run scan only those, not the whole process: one such collection took 27-34 ms
-    on the CI CPU with only a tiny model loaded, a pause of the whole step loop each time.
+    trigger mid-run scan only those, not the whole process: on the H100 one such collection
+    stalled every 8B fp8 128/128 x 1024 run for 0.50-0.56 s (22.3-24.0k -> 25.1-25.8k out tok/s
+    without it; BENCHMARKS.md session 11).
     vLLM freezes its start-up heap the same way. Counted over engines; `gc.unfreeze` once the
     last one is idle, so garbage from before a run is collected after it. `KILN_FREEZE_HEAP=0`
     turns it off (an A/B)."""
