@@ -165,10 +165,8 @@ def main():
         rep = {"wall_s": wall, "steps": len(rec), "results": res, "decode": summary(decode), "mixed": summary(mixed),
                "decode_shapes": collections.Counter(r["tokens"] for r in decode).most_common(4),
                "host_outside_read_ms_total": sum(r["step"] - r.get("read", 0) for r in rec) * 1e3,
-               "gc": {f"gen{g}": {"n": sum(1 for x in gcs if x[0] == g),
-                                  "ms": round(sum(t for x, t in gcs if x == g) * 1e3, 2),
-                                  "max_ms": round(max([t for x, t in gcs if x == g], default=0.0) * 1e3, 2)}
-                      for g in range(3)}}
+               "gc": {f"gen{g}": {"n": len(ps), "ms": round(sum(ps) * 1e3, 2), "max_ms": round(max(ps, default=0.0) * 1e3, 2)}
+                      for g in range(3) for ps in [[s for gen, s in gcs if gen == g]]}}
         for k in ("decode", "mixed"):
             print(k, json.dumps({x: (round(v, 3) if isinstance(v, float) else v) for x, v in rep[k].items()}), flush=True)
         print("wall", round(wall, 3), "steps", len(rec), "host outside read (s)",

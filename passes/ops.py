@@ -84,20 +84,31 @@ def add_rms_norm_values(ctx, x, r, w, *, eps, offset=0.0):
     from kiln.graph.ops import norm_impl
     from kiln.runtime.kernels import rms_norm as rn
 
-    notes = getattr(ctx, "notes", {})
-    key = ("add_rms_norm", id(x), id(r), id(w), eps, offset)
-    hit = notes.get(key)
-    if hit is not None and hit[0] is x and hit[1] is r and hit[2] is w:
-        return hit[3]
     from kiln.passes.fp8_act import fused_residual_sum
 
-    fused = fused_residual_sum(ctx, x, r, w, eps=eps, offset=offset)
-    if fused is not None:  # W8A8 model: the sum from the kernel that also quantizes the norm; the
-        # norm here is XLA's, dead unless something else reads it
-        res = (fused[0], rn.rms_norm(fused[0], w, eps=eps, offset=offset, impl="xla"))
-    else:
-        res = rn.rms_norm(x, w, r, eps=eps, offset=offset, impl=norm_impl(ctx))
-    notes[key] = (x, r, w, res)
+    def make():
+        fused = fused_residual_sum(ctx, x, r, w, eps=eps, offset=offset)
+        if fused is not None:  # W8A8 model: the sum from the kernel that also quantizes the norm; the
+            # norm here is XLA's, dead unless something else reads it
+            return fused[0], rn.rms_norm(fused[0], w, eps=eps, offset=offset, impl="xla")
+        return rn.rms_norm(x, w, r, eps=eps, offset=offset, impl=norm_impl(ctx))
+
+    return memo(ctx, ("add_rms_norm", eps, offset), (x, r, w), make)
+
+
+def memo(ctx, key: tuple, arrays: tuple, make):
+    """`make()` once per lowering for these very arrays, kept in `ctx.notes` (several ops'
+    lowerings read one result): keyed by the arrays' ids, the entry holds the arrays themselves
+    and a hit must be them, so a recycled id never matches. Without notes, `make()` each time."""
+    notes = getattr(ctx, "notes", None)
+    if notes is None:
+        return make()
+    full = key + tuple(id(a) for a in arrays)
+    hit = notes.get(full)
+    if hit is not None and all(a is b for a, b in zip(hit[0], arrays)):
+        return hit[1]
+    res = make()
+    notes[full] = (arrays, res)
     return res
 
 

@@ -14,8 +14,9 @@ for the 8B step on the H100 hosts, BENCHMARKS.md session 6), time in which the e
 cannot resolve the previous step's samples or plan the next one. From its own thread the
 enqueue runs beside that Python work (jax releases the GIL while it executes a call); steps
 still run in submission order, one thread owning the cache and the previous step's tokens.
-Off unless `KILN_DISPATCH_THREAD=1`: not yet measured on a GPU (on the 2-core CPU, where the
-"device" is the same cores, a tiny model ran 5% slower with it).
+Off unless `KILN_DISPATCH_THREAD=1`: on the H100 the 8B fp8 throughput run was no faster with
+it (the 512-sequence step is device-bound there; BENCHMARKS.md session 11), and on the 2-core
+CPU, where the "device" is the same cores, a tiny model ran 5% slower.
 
 Params arrive already placed (a pass pipeline or a sharding plan may have transformed and
 sharded them); a sharding plan passes its own step function and KV-pool allocator.
